@@ -1,0 +1,363 @@
+"""Tests of model.py: the gated middle-skip transformer, its controllers and generation (CPU)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from model import GPT, GateController, GPTConfig, gate_moments, sample_next
+
+V = 64
+
+
+def tiny(gated=True, **kw):
+    args = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, gated=gated)
+    args.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def skip_tokens_model(skip_ids, n_layer=4):
+    """A gated model whose tokens in skip_ids have gate 0 in every layer and all other tokens
+    gate 1: embedding feature 0 is +1 for skip tokens, -1 otherwise; gate head 0 reads it."""
+    m = tiny(n_layer=n_layer)
+    with torch.no_grad():
+        m.tok_emb.weight[:, 0] = -1.0
+        m.tok_emb.weight[skip_ids, 0] = 1.0
+        for head in m.gate_heads:
+            head.weight.zero_()
+            head.bias.zero_()
+        m.gate_heads[0].weight[0, 0] = 100.0
+    return m
+
+
+# ------------------------------------------------------------------ 1. basics
+
+def test_shapes_and_initial_loss():
+    m = tiny()
+    idx = torch.randint(0, V, (3, 16))
+    logits, loss, gates = m(idx, idx)
+    assert logits.shape == (3, 16, V) and gates.shape == (4, 3, 16)
+    assert abs(loss.item() - math.log(V)) < 0.1
+    logits, loss, gates = tiny(gated=False)(idx)
+    assert logits.shape == (3, 16, V) and loss is None and gates is None
+
+
+def test_ignore_index_in_loss():
+    m = tiny()
+    idx = torch.randint(0, V, (2, 8))
+    targets = idx.clone()
+    targets[:, 4:] = -1
+    logits, loss, _ = m(idx, targets)
+    expected = F.cross_entropy(logits[:, :4].reshape(-1, V), idx[:, :4].reshape(-1))
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_causality(gated):
+    m = tiny(gated)
+    idx = torch.randint(0, V, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, V, (2, 8))
+    with torch.no_grad():
+        a, _, _ = m(idx)
+        b, _, _ = m(changed)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize("field,kw", [
+    ("n_layer", dict(n_layer=3)),
+    ("n_embd", dict(n_embd=30)),
+    ("n_kv_head", dict(n_kv_head=3)),
+    ("n_head", dict(n_embd=24, n_head=8)),  # head dim 3 is odd
+    ("gate_init", dict(gate_init="ones")),
+    ("attn_backend", dict(attn_backend="magic")),
+])
+def test_invalid_config_names_the_field(field, kw):
+    args = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
+    args.update(kw)
+    with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
+        GPTConfig(**args)
+    if field == "n_layer":
+        GPTConfig(**dict(args, gated=False))  # an odd dense model is fine
+
+
+# ------------------------------------------------------------------ 2. gates
+
+def test_gate_shape_properties():
+    m = tiny(n_layer=8)
+    with torch.no_grad():
+        for head in m.gate_heads:
+            head.weight.normal_(0, 0.3)  # large enough that many gates reach 0
+        _, _, g = m(torch.randint(0, V, (4, 32)))
+    assert g.min() >= 0 and g.max() <= 1
+    assert torch.equal(g, g.flip(0)), "gates must mirror across layers"
+    half = g[:4]
+    assert (half[1:] <= half[:-1]).all(), "gates must not increase toward the middle"
+    assert (g == 0).any() and (g == 1).any()
+
+
+def test_zero_init_gives_dense_start():
+    m = tiny(gate_init="zero")
+    _, _, g = m(torch.randint(0, V, (2, 8)))
+    assert torch.equal(g, torch.ones_like(g))
+
+
+# ------------------------------------------------------------------ 3. gates of 1 == dense
+
+def test_gates_all_one_equal_dense():
+    dense, gated = tiny(gated=False), tiny(gated=True)
+    missing = gated.load_state_dict(dense.state_dict(), strict=False)
+    assert all(k.startswith("gate_heads") for k in missing.missing_keys)
+    with torch.no_grad():
+        for head in gated.gate_heads:
+            head.weight.zero_()
+            head.bias.fill_(-1.0)  # relu(-1) = 0, so m = 0 and g = 1
+    idx = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        a, _, _ = dense(idx)
+        b, _, g = gated(idx)
+    assert torch.equal(g, torch.ones_like(g))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ 4. key-indexed bias
+
+def query_indexed_attention(self, x, cos, sin, key_bias=None, backend="sdpa", kv_store=None):
+    """The reference release's defect: the gate bias indexed by the QUERY position."""
+    q, k, v = self.qkv(x, cos, sin)
+    T = x.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = key_bias[:, None, :, None].expand(-1, 1, T, T).masked_fill(~causal, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def later_logits_change(m, p=5):
+    """Largest change of the logits after position p when the token at p (whose gate is 0
+    everywhere) is swapped for another skip token."""
+    torch.manual_seed(1)
+    idx = torch.randint(10, V, (2, 16))
+    a_idx, b_idx = idx.clone(), idx.clone()
+    a_idx[:, p], b_idx[:, p] = 3, 7
+    with torch.no_grad():
+        a, _, ga = m(a_idx)
+        b, _, gb = m(b_idx)
+    assert (ga[:, :, p] == 0).all() and (gb[:, :, p] == 0).all()
+    assert (ga[:, :, p + 1:] == 1).all()
+    return (a[:, p + 1:] - b[:, p + 1:]).abs().max().item()
+
+
+def test_gate_zero_hides_key_from_later_positions(monkeypatch):
+    m = skip_tokens_model(skip_ids=list(range(10)))
+    assert later_logits_change(m) < 1e-4
+    # the same check catches the reference's query-indexed bias
+    monkeypatch.setattr(M.Attention, "forward", query_indexed_attention)
+    assert later_logits_change(m) > 1e-3
+
+
+# ------------------------------------------------------------------ 5. all gates 0
+
+def test_all_gates_zero_means_each_position_sees_only_itself():
+    m = tiny()
+    with torch.no_grad():
+        m.gate_heads[0].weight.zero_()
+        m.gate_heads[0].bias.fill_(1.0)  # m_0 = 1 everywhere, so every gate is 0
+    idx = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        logits, _, g = m(idx)
+        alone = torch.cat([m(idx[:, t:t + 1])[0] for t in range(12)], dim=1)
+    assert torch.equal(g, torch.zeros_like(g))
+    assert torch.allclose(logits, alone, atol=1e-5)
+
+
+# ------------------------------------------------------------------ 6. controllers
+
+def test_target_controllers_move_coefficients_the_right_way():
+    for kind in ("proportional", "adaptive", "proportional_derivative"):
+        c = GateController(kind, 6, target_start=1.0, target_end=0.5)
+        assert torch.allclose(c.mean_targets, torch.tensor([1.0, 0.75, 0.5, 0.5, 0.75, 1.0]))
+        means = c.mean_targets.clone()
+        means[2] = means[3] = 0.9  # middle layers too open: push them shut
+        means[0] = means[5] = 0.5  # outer layers too shut: let them open
+        variances = c.var_targets.clone()
+        c.update(means, variances)
+        assert c.mean_coefs[2] > 0 and c.mean_coefs[0] < 0, kind
+        assert c.mean_coefs[1] == 0, f"{kind}: an error within tol must not move the coefficient"
+        assert torch.equal(c.var_coefs, torch.zeros(6))
+    p = GateController("proportional", 6)
+    p.update(torch.tensor([1.0, 0.75, 0.9, 0.9, 0.75, 1.0]), p.var_targets)
+    assert torch.allclose(p.mean_coefs[2], torch.tensor(1e-3 * 0.4))
+    a = GateController("adaptive", 6)
+    a.update(torch.tensor([1.0, 0.75, 0.9, 0.9, 0.75, 1.0]), a.var_targets)
+    assert torch.allclose(a.mean_coefs[2], torch.tensor(1e-3))
+
+
+def test_fixed_controllers_and_loss():
+    s = GateController("sparsity", 4)
+    sv = GateController("sparsity_variance", 4)
+    gates = torch.rand(4, 2, 8)
+    means, variances = gate_moments(gates)
+    assert torch.allclose(s.loss(gates), 0.01 * means.mean())
+    assert torch.allclose(sv.loss(gates), 0.01 * means.mean() - 0.01 * variances.mean())
+    s.update(means, variances)
+    assert torch.equal(s.mean_coefs, torch.full((4,), 0.01))
+
+
+def test_controller_clamp_and_state_dict_round_trip():
+    c = GateController("proportional_derivative", 4, lr=1.0, coef_max=0.05)
+    for _ in range(3):
+        c.update(torch.tensor([0.2, 0.9, 0.9, 0.2]), torch.zeros(4))
+    assert c.mean_coefs.max() <= 0.05
+    d = GateController("proportional_derivative", 4, lr=1.0, coef_max=0.05)
+    d.load_state_dict(c.state_dict())
+    for ctrl in (c, d):
+        ctrl.update(torch.tensor([0.3, 0.8, 0.8, 0.3]), torch.zeros(4))
+    assert torch.equal(c.mean_coefs, d.mean_coefs) and torch.equal(c.var_coefs, d.var_coefs)
+    with pytest.raises(ValueError, match="controller"):
+        GateController("adaptive", 4).load_state_dict(c.state_dict())
+    with pytest.raises(ValueError, match="controller kind"):
+        GateController("pid", 4)
+
+
+# ------------------------------------------------------------------ 7-8. learning
+
+def test_gate_heads_get_gradients_and_regularizer_lowers_gates():
+    torch.manual_seed(0)
+    m = tiny()
+    m.train()
+    idx = torch.randint(0, V, (4, 32))
+    ctrl = GateController("sparsity", 4, coef=1.0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    _, loss, gates = m(idx, idx)
+    (loss + ctrl.loss(gates)).backward()
+    assert all(h.weight.grad.abs().sum() > 0 for h in m.gate_heads)
+    start = gates.mean().item()
+    for _ in range(15):
+        opt.zero_grad()
+        _, loss, gates = m(idx, idx)
+        (loss + ctrl.loss(gates)).backward()
+        opt.step()
+    assert gates.mean().item() < start - 0.1
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_tiny_model_overfits_a_batch(gated):
+    m = tiny(gated)
+    m.train()
+    idx = torch.randint(0, V, (4, 32))
+    opt = m.configure_optimizer(3e-3, (0.9, 0.95), 0.0, "cpu")
+    first = None
+    for _ in range(60):
+        opt.zero_grad()
+        _, loss, _ = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        first = first or loss.item()
+    assert loss.item() < 0.3 * first
+
+
+def test_param_count_and_flops():
+    m = tiny()
+    assert m.num_params(non_embedding=False) - m.num_params() == V * 32
+    dense_flops = m.flops_per_token(0.0)
+    assert m.flops_per_token(0.5) < dense_flops
+    # at sparsity 1 only the embedding-side work and the head remain
+    assert m.flops_per_token(1.0) < 2 * 32 * V + 32 * 32
+
+
+# ------------------------------------------------------------------ 9. backends
+
+@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.5")
+def test_flex_and_sdpa_backends_agree():
+    m = tiny(n_layer=4)
+    with torch.no_grad():
+        for head in m.gate_heads:
+            head.weight.normal_(0, 0.3)
+    idx = torch.randint(0, V, (2, 32))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        m.config.attn_backend = "sdpa"
+        a, _, g = m(idx)
+        m.config.attn_backend = "flex"
+        b, _, _ = m(idx)
+    assert 0 < (g == 0).float().mean() < 1
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ generation
+
+def decode_without_cache(m, idx, n, temperature, generator):
+    for _ in range(n):
+        logits, _, _ = m(idx[:, -m.config.block_size:])
+        idx = torch.cat([idx, sample_next(logits[:, -1], temperature, generator=generator)], dim=1)
+    return idx
+
+
+def many_zero_gates_model():
+    """Even tokens skip every layer, tokens divisible by 3 skip the middle two of four."""
+    m = skip_tokens_model(list(range(0, V, 2)))
+    with torch.no_grad():
+        m.tok_emb.weight[:, 1] = torch.where(torch.arange(V) % 3 == 0, 1.0, -1.0)
+        m.gate_heads[1].weight[0, 1] = 100.0
+    return m
+
+
+@pytest.mark.parametrize("gated,temperature", [(True, 0.0), (False, 0.0), (True, 1.0)])
+def test_cached_decoding_matches_full_forward(gated, temperature):
+    m = many_zero_gates_model() if gated else tiny(gated=False)
+    prompt = torch.randint(0, V, (4, 6))
+    out, gates = m.generate(prompt, 26, temperature=temperature, return_gates=True,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, decode_without_cache(m, prompt, 26, temperature, torch.Generator().manual_seed(0)))
+    if gated:
+        assert (gates[:, :, 6:] == 0).any(), "decoded tokens must skip some layers"
+        _, _, full_gates = m(out)
+        assert torch.equal(gates, full_gates)
+    if temperature > 0:  # sampling visits skip tokens often
+        assert 0.2 < (gates[:, :, 6:] == 0).float().mean() < 0.8
+
+
+def test_skip_path_logits_match_masked_path_and_skip_work():
+    m = many_zero_gates_model()
+    seq = torch.randint(0, V, (3, 32))
+    with torch.no_grad():
+        full_logits, _, full_gates = m(seq)
+        cache = M.KVCache(m, 3, 32, seq.device)
+        m.prefill(seq[:, :8], cache)
+        calls = []
+        for block in m.blocks:  # count rows that reach each layer's Q/K/V projection
+            block.attn.wq.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].size(0)))
+        step_logits = []
+        for t in range(8, 32):
+            logits, _ = m.decode_one(seq[:, t:t + 1], cache)
+            step_logits.append(logits)
+    assert torch.allclose(torch.stack(step_logits, 1), full_logits[:, 8:], atol=1e-4)
+    assert 0.2 < (full_gates[:, :, 8:] == 0).float().mean() < 0.8
+    ran = (full_gates[:, :, 8:] > 0).sum().item()
+    assert sum(calls) == ran < full_gates[:, :, 8:].numel(), "skipped (token, layer) pairs must not be computed"
+
+
+def test_sampling_is_seeded_and_respects_top_k_top_p():
+    m = tiny()
+    prompt = torch.randint(0, V, (2, 4))
+    a = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    b = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen).flatten().tolist()) == {0, 1}
+    # probabilities 0.64, 0.24, 0.09, ...: top_p=0.8 keeps the first two only
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen).flatten().tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=gen).flatten().tolist()) == {0}
+
+
+def test_long_prompt_is_cropped_and_context_slides():
+    m = tiny(block_size=16)
+    prompt = torch.randint(0, V, (1, 20))
+    with pytest.warns(UserWarning, match="cropped"):
+        out = m.generate(prompt, 30, temperature=0)
+    assert out.shape == (1, 16 + 30)
