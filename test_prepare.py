@@ -1,0 +1,333 @@
+"""Tests for prepare.py. CPU only, no network: every download is faked with monkeypatch."""
+import json, os, re, tracemalloc
+import numpy as np
+import pytest
+import requests
+import prepare as P
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" \
+       "Caf\u00e9 na\u00efve \u2014 \u00fcber\n" * 3 + "Last line without a newline"
+
+def write(path, text):
+    with open(path, 'w', encoding='utf-8', newline='') as f:
+        f.write(text)
+    return str(path)
+
+def one_line_error(excinfo):
+    msg = str(excinfo.value)
+    assert '\n' not in msg and msg
+    return msg
+
+# ---------------------------------------------------------------- shard format
+
+def test_shard_round_trip(tmp_path):
+    path = str(tmp_path / 'x_train_000000.bin')
+    tokens = np.random.default_rng(0).integers(0, 2**16, size=1000)
+    P.write_shard(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=P.HEADER_INTS)
+    assert header[0] == 20240520 and header[1] == 1 and header[2] == 1000 and not header[3:].any()
+    assert os.path.getsize(path) == 256 * 4 + 1000 * 2
+    got = P.read_shard(path, vocab_size=2**16)
+    assert isinstance(got, np.memmap) and got.dtype == np.uint16
+    assert np.array_equal(got, tokens)
+    assert not os.path.exists(path + '.tmp')
+    P.write_shard(path, [])
+    assert len(P.read_shard(path)) == 0
+    with pytest.raises(P.DataError):
+        P.write_shard(path, [70000])
+
+def test_truncated_shard(tmp_path):
+    d = tmp_path / 'shakespeare_char'; d.mkdir()
+    path = str(d / 'shakespeare_char_train_000000.bin')
+    P.write_shard(path, np.arange(100))
+    with open(path, 'r+b') as f:
+        f.truncate(256 * 4 + 150)
+    with pytest.raises(P.DataError) as e:
+        P.read_shard(path)
+    msg = one_line_error(e)
+    assert path in msg and 'truncated' in msg and 'python prepare.py shakespeare_char' in msg
+    with open(path, 'r+b') as f:
+        f.truncate(100)  # not even a whole header
+    with pytest.raises(P.DataError, match='truncated'):
+        P.read_shard(path)
+
+def test_wrong_magic(tmp_path):
+    path = str(tmp_path / 'a_val_000000.bin')
+    P.write_shard(path, np.arange(10))
+    with open(path, 'r+b') as f:
+        f.write(np.int32(12345).tobytes())
+    with pytest.raises(P.DataError) as e:
+        P.read_shard(path)
+    msg = one_line_error(e)
+    assert path in msg and '12345' in msg and 'python prepare.py' in msg
+
+def test_token_id_beyond_vocab(tmp_path):
+    path = str(tmp_path / 'a_train_000000.bin')
+    P.write_shard(path, [1, 2, 70, 3])
+    assert len(P.read_shard(path, vocab_size=71)) == 4
+    with pytest.raises(P.DataError) as e:
+        P.read_shard(path, vocab_size=65)
+    msg = one_line_error(e)
+    assert path in msg and '70' in msg and 'vocab_size 65' in msg
+
+def test_missing_dir_and_files(tmp_path):
+    missing = str(tmp_path / 'shakespeare_char')
+    for fn in (lambda: P.load_meta(missing), lambda: P.shard_paths(missing, 'train')):
+        with pytest.raises(P.DataError) as e:
+            fn()
+        msg = one_line_error(e)
+        assert missing in msg and 'python prepare.py shakespeare_char' in msg
+    os.makedirs(missing)
+    with pytest.raises(P.DataError, match='meta.json'):
+        P.load_meta(missing)
+    with pytest.raises(P.DataError, match=r'no val shards'):
+        P.shard_paths(missing, 'val')
+    with pytest.raises(P.DataError, match='not found'):
+        P.read_shard(os.path.join(missing, 'nope_train_000000.bin'))
+
+def test_shard_paths_glob_finds_fineweb_names(tmp_path):
+    for f in ('fineweb_train_000002.bin', 'fineweb_train_000001.bin', 'fineweb_val_000000.bin', 'fineweb_train_000003.bin.part'):
+        (tmp_path / f).write_bytes(b'')
+    names = [os.path.basename(p) for p in P.shard_paths(str(tmp_path), 'train')]
+    assert names == ['fineweb_train_000001.bin', 'fineweb_train_000002.bin']
+
+# ---------------------------------------------------------------- text preparation
+
+def test_text_char_end_to_end(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    out = P.prepare('text', out_dir=str(tmp_path / 'out'), input=src, val_fraction=0.25)
+    meta = P.load_meta(out)
+    assert meta['tokenizer'] == 'char' and meta['chars'] == sorted(set(TEXT))
+    assert meta['vocab_size'] == len(set(TEXT)) and meta['source'] == os.path.abspath(src)
+    encode, decode = P.get_tokenizer(meta)
+    assert decode(encode(TEXT)) == TEXT
+    train = np.concatenate([P.read_shard(p, meta['vocab_size']) for p in P.shard_paths(out, 'train')])
+    val = np.concatenate([P.read_shard(p, meta['vocab_size']) for p in P.shard_paths(out, 'val')])
+    assert (meta['train_tokens'], meta['val_tokens']) == (len(train), len(val))
+    # val is the tail of the text from the first line start at/after 75% of the bytes
+    data = TEXT.encode()
+    cut = data.index(b'\n', int(len(data) * 0.75) - 1) + 1
+    assert decode(train) == data[:cut].decode() and decode(val) == data[cut:].decode()
+    assert decode(train).endswith('\n') and len(train) + len(val) == len(TEXT)
+    # deterministic: the same input gives the same bytes
+    first = open(P.shard_paths(out, 'val')[0], 'rb').read()
+    P.prepare('text', out_dir=str(tmp_path / 'out2'), input=src, val_fraction=0.25)
+    assert open(P.shard_paths(str(tmp_path / 'out2'), 'val')[0], 'rb').read() == first
+
+def test_many_shards_and_no_stale_ones(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT * 20)
+    out = str(tmp_path / 'out')
+    P.prepare('text', out_dir=out, input=src, shard_tokens=500, chunk_bytes=64)
+    paths = P.shard_paths(out, 'train')
+    assert len(paths) > 3 and all(len(P.read_shard(p)) <= 500 for p in paths)
+    meta = P.load_meta(out)
+    _, decode = P.get_tokenizer(meta)
+    text = ''.join(decode(P.read_shard(p)) for p in paths + P.shard_paths(out, 'val'))
+    assert text == TEXT * 20  # tiny chunks cut at line breaks lose nothing
+    P.prepare('text', out_dir=out, input=src)  # a rerun with big shards leaves no old ones behind
+    assert len(P.shard_paths(out, 'train')) == 1 and not any(f.endswith('.tmp') for f in os.listdir(out))
+
+def test_max_tokens(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT * 20)
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, max_tokens=300, chunk_bytes=50)
+    meta = P.load_meta(out)
+    assert meta['train_tokens'] == 300 and meta['val_tokens'] == 30
+    assert len(P.read_shard(P.shard_paths(out, 'train')[0])) == 300
+
+def test_bundled_shakespeare_char(tmp_path):
+    text = open(P.BUNDLED, encoding='utf-8').read()
+    assert 1_000_000 <= os.path.getsize(P.BUNDLED) <= 2_000_000 and text.isascii()
+    assert 'gutenberg' not in text.lower()  # license headers/footers are not in the corpus
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'))
+    meta = P.load_meta(out)
+    assert meta['tokenizer'] == 'char' and 60 <= meta['vocab_size'] <= 100
+    assert meta['train_tokens'] + meta['val_tokens'] == len(text)
+    assert 0.09 < meta['val_tokens'] / len(text) < 0.11
+    _, decode = P.get_tokenizer(meta)
+    assert decode(P.read_shard(P.shard_paths(out, 'val')[0])[:20]) == text[meta['train_tokens']:][:20]
+
+def test_unknown_char(tmp_path):
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', TEXT))
+    encode, _ = P.get_tokenizer(P.load_meta(out))
+    with pytest.raises(P.DataError) as e:
+        encode('Speak \u263a')
+    assert "'\u263a'" in one_line_error(e)
+
+def test_bad_text_inputs(tmp_path):
+    with pytest.raises(P.DataError, match='--input'):
+        P.prepare('text', out_dir=str(tmp_path / 'o'))
+    with pytest.raises(P.DataError, match='no such file'):
+        P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'missing.txt'))
+    (tmp_path / 'latin1.txt').write_bytes('caf\u00e9\n'.encode('latin-1') * 50)
+    with pytest.raises(P.DataError, match='not UTF-8'):
+        P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'latin1.txt'))
+    with pytest.raises(P.DataError, match='too small'):
+        P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'one.txt', 'one line only'))
+
+def test_memory_stays_flat(tmp_path):
+    line = "Now is the winter of our discontent made glorious summer \u00e9\n"
+    src = write(tmp_path / 'big.txt', line * (4_000_000 // len(line.encode())))
+    size = os.path.getsize(src)
+    tracemalloc.start()
+    try:
+        out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, chunk_bytes=32 * 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    meta = P.load_meta(out)
+    assert meta['train_tokens'] + meta['val_tokens'] == size - size // len(line.encode())  # 'é' is 2 bytes, 1 char
+    assert peak < size / 4, f"peak {peak} bytes while preparing a {size}-byte file"
+
+# ---------------------------------------------------------------- gpt2
+
+def test_gpt2_offline_error(monkeypatch, tmp_path):
+    import tiktoken
+    def offline(name):
+        raise requests.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'\nmore detail")
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    with pytest.raises(P.DataError) as e:
+        P.get_tokenizer({'tokenizer': 'gpt2', 'vocab_size': 50257})
+    msg = one_line_error(e)
+    assert 'GPT-2' in msg and 'char' in msg
+    out = tmp_path / 'o'
+    with pytest.raises(P.DataError, match='GPT-2'):
+        P.prepare('shakespeare', out_dir=str(out))
+    assert not out.exists()  # failed before writing anything
+
+class FakeEncoding:  # stands in for tiktoken's GPT-2: a token per word or space, so ids stay < 50257
+    def __init__(self):
+        self.vocab = {}
+    def encode(self, text, allowed_special=()):
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in re.findall(r'\S+|\s', text)]
+    def decode(self, ids):
+        inv = {i: w for w, i in self.vocab.items()}
+        return ''.join(inv[i] for i in ids)
+
+def test_gpt2_pipeline_with_fake_encoding(monkeypatch, tmp_path):
+    import tiktoken
+    enc = FakeEncoding()
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: enc)
+    src = write(tmp_path / 'in.txt', TEXT * 10)
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, tokenizer='gpt2', chunk_bytes=40)
+    meta = P.load_meta(out)
+    assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and 'chars' not in meta
+    # chunks are cut after line breaks, so chunked tokens equal whole-text tokens
+    data = (TEXT * 10).encode()
+    cut = data.index(b'\n', int(len(data) * 0.9) - 1) + 1
+    train = np.concatenate([P.read_shard(p, 50257) for p in P.shard_paths(out, 'train')])
+    assert train.tolist() == enc.encode(data[:cut].decode())
+
+def test_gpt2_real_tokenizer(tmp_path):
+    try:
+        import tiktoken
+        tiktoken.get_encoding('gpt2')
+    except Exception:
+        pytest.skip("tiktoken's GPT-2 files are not available offline")
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', TEXT * 5), tokenizer='gpt2')
+    encode, decode = P.get_tokenizer(P.load_meta(out))
+    assert decode(encode(TEXT)) == TEXT and encode('<|endoftext|>') == [50256]
+
+# ---------------------------------------------------------------- downloads (all faked)
+
+def refuse_network(*args, **kwargs):
+    raise requests.ConnectionError("HTTPSConnectionPool(host='x'): Max retries exceeded\nwith url: /")
+
+@pytest.mark.parametrize('name,opts', [('shakespeare_char', {'source': 'download'}), ('fineweb10B', {}), ('tinystories', {})])
+def test_download_offline(monkeypatch, tmp_path, name, opts):
+    monkeypatch.setattr(P.requests, 'get', refuse_network)
+    if name == 'tinystories':
+        import tiktoken
+        monkeypatch.setattr(tiktoken, 'get_encoding', lambda n: FakeEncoding())
+    with pytest.raises(P.DataError) as e:
+        P.prepare(name, out_dir=str(tmp_path / 'o'), **opts)
+    msg = one_line_error(e)
+    assert 'could not download https://' in msg and '`python prepare.py text --input FILE` works offline' in msg
+
+def test_cli_prints_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(P.requests, 'get', refuse_network)
+    with pytest.raises(SystemExit) as e:
+        P.main(['shakespeare_char', '--source', 'download', '--out_dir', str(tmp_path / 'o')])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: could not download') and err.count('\n') == 1 and 'Traceback' not in err
+
+class FakeResponse:
+    def __init__(self, body, status=200, length=True):
+        self.body, self.status_code = body, status
+        self.headers = {'content-length': str(len(body))} if length else {}
+    def iter_content(self, n):
+        for i in range(0, len(self.body), 7):
+            yield self.body[i:i + 7]
+    def raise_for_status(self):
+        if self.status_code >= 400:
+            raise requests.HTTPError(f"{self.status_code} error")
+    def __enter__(self):
+        return self
+    def __exit__(self, *a):
+        pass
+
+def test_download_skip_and_resume(monkeypatch, tmp_path):
+    body = bytes(range(256)) * 4
+    path = str(tmp_path / 'f.bin')
+    calls = []
+    def fake_get(url, stream, timeout, headers):
+        calls.append(headers)
+        start = int(headers['Range'][6:-1]) if headers else 0
+        return FakeResponse(body[start:], 206) if start else FakeResponse(body)
+    monkeypatch.setattr(P.requests, 'get', fake_get)
+    P.download('https://x/f.bin', path)
+    assert open(path, 'rb').read() == body and calls == [{}] and not os.path.exists(path + '.part')
+    P.download('https://x/f.bin', path)  # already there: no request
+    assert len(calls) == 1
+    os.remove(path)
+    with open(path + '.part', 'wb') as f:  # an interrupted earlier download
+        f.write(body[:300])
+    P.download('https://x/f.bin', path)
+    assert calls[-1] == {'Range': 'bytes=300-'} and open(path, 'rb').read() == body
+    # a server that ignores Range (200) makes us start over rather than append
+    os.remove(path)
+    with open(path + '.part', 'wb') as f:
+        f.write(b'junk')
+    monkeypatch.setattr(P.requests, 'get', lambda url, stream, timeout, headers: FakeResponse(body))
+    P.download('https://x/f.bin', path)
+    assert open(path, 'rb').read() == body
+
+def test_download_cut_short(monkeypatch, tmp_path):
+    class Short(FakeResponse):
+        def iter_content(self, n):
+            yield self.body[:10]
+    monkeypatch.setattr(P.requests, 'get', lambda *a, **k: Short(b'x' * 100))
+    path = str(tmp_path / 'f.txt')
+    with pytest.raises(P.DataError, match='resume'):
+        P.download('https://x/f.txt', path)
+    assert not os.path.exists(path) and os.path.getsize(path + '.part') == 10
+
+def test_fineweb_skips_valid_and_refetches_broken(monkeypatch, tmp_path):
+    out = tmp_path / 'fineweb10B'; out.mkdir()
+    P.write_shard(str(out / 'fineweb_val_000000.bin'), np.arange(50))
+    (out / 'fineweb_train_000001.bin').write_bytes(b'<html>not a shard</html>')
+    good = tmp_path / 'good.bin'
+    P.write_shard(str(good), np.arange(100) + 7)
+    fetched = []
+    def fake_get(url, stream, timeout, headers):
+        fetched.append(url.rsplit('/', 1)[-1])
+        return FakeResponse(good.read_bytes())
+    monkeypatch.setattr(P.requests, 'get', fake_get)
+    P.prepare('fineweb10B', out_dir=str(out), shards=1)
+    assert fetched == ['fineweb_train_000001.bin']
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257
+    assert (meta['train_tokens'], meta['val_tokens']) == (100, 50)
+
+def test_failed_download_keeps_earlier_data(monkeypatch, tmp_path):
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
+    monkeypatch.setattr(P.requests, 'get', refuse_network)
+    with pytest.raises(P.DataError, match='could not download'):
+        P.prepare('shakespeare_char', out_dir=out, source='download')
+    assert P.load_meta(out)['train_tokens'] == 1000 and len(P.read_shard(P.shard_paths(out, 'train')[0])) == 1000
+
+def test_out_dir_with_another_dataset(tmp_path):
+    P.write_shard(str(tmp_path / 'fineweb_train_000001.bin'), [1, 2, 3])
+    with pytest.raises(P.DataError, match='another dataset'):
+        P.prepare('text', out_dir=str(tmp_path), input=write(tmp_path / 'in.txt', TEXT))
+    assert os.path.exists(tmp_path / 'fineweb_train_000001.bin')
