@@ -301,12 +301,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, return_gates=False):
+                 generator=None, return_gates=False, skip=True):
         """Sample max_new_tokens after the prompt idx (B, T) with a KV cache. The prompt is
         prefilled in one pass; then each new token runs only the layers outside its skipped
         span. temperature=0 is greedy. With return_gates, also returns the gates (L, B, T_out)
         of every output position (None for a dense model). When the context reaches
-        block_size, the last block_size/2 tokens are prefilled again and decoding goes on."""
+        block_size, the last block_size/2 tokens are prefilled again and decoding goes on.
+        skip=False runs every layer for every token (to measure what skipping saves)."""
         cfg = self.config
         if idx.size(1) > cfg.block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last block_size={cfg.block_size}")
@@ -325,7 +326,7 @@ class GPT(nn.Module):
                 logits, gates = self.prefill(idx[:, -(cfg.block_size // 2):], cache)
                 gates = None if gates is None else gates[:, :, -1:]
             else:
-                logits, gates = self.decode_one(next_id, cache)
+                logits, gates = self.decode_one(next_id, cache, skip)
             all_gates.append(gates)
         if not return_gates:
             return idx
@@ -344,10 +345,11 @@ class GPT(nn.Module):
         cache.length = T
         return self.lm_head(self.norm_out(x[:, -1])), gates
 
-    def decode_one(self, token, cache):
+    def decode_one(self, token, cache, skip=True):
         """One new token (B, 1) through the layers it does not skip, reading and extending the
         cache. A row whose gate is 0 at layer i gets no Q/K/V, no attention and no FFN there,
-        and its cache slot is hidden (bias -inf) from every later query in that layer."""
+        and its cache slot is hidden (bias -inf) from every later query in that layer.
+        skip=False computes every layer anyway (the masked path, for comparison)."""
         cfg, pos = self.config, cache.length
         cos, sin = self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1]
         x = self.norm_in(self.tok_emb(token))
@@ -358,13 +360,14 @@ class GPT(nn.Module):
             if cfg.gated:
                 g, m = self.layer_gate(i, x, m, gates)
                 gates.append(g)
-                cache.bias[i][:, pos] = float("-inf")
-                active = g.view(B) > 0
-                if not active.any():
-                    continue  # the whole batch skips this layer
-                if not active.all():
-                    rows = active.nonzero().squeeze(1)
-                g = g[rows]
+                if skip:
+                    cache.bias[i][:, pos] = float("-inf")
+                    active = g.view(B) > 0
+                    if not active.any():
+                        continue  # the whole batch skips this layer
+                    if not active.all():
+                        rows = active.nonzero().squeeze(1)
+                        g = g[rows]
             xr = x[rows]
             q, k, v = block.attn.qkv(block.attn_pre(xr), cos, sin)
             cache.k[i][rows, :, pos], cache.v[i][rows, :, pos] = k[:, :, 0], v[:, :, 0]
