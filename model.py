@@ -179,9 +179,9 @@ class Block(nn.Module):
         """Everything after the attention scores: output projection, FFN, gated residuals."""
         B, H, T, hd = heads.shape
         a = self.attn_post(self.attn.wo(heads.transpose(1, 2).reshape(B, T, H * hd)))
-        x = x + (a if g is None else g * a)
+        x = x + (a if g is None else (g * a).type_as(x))  # the stream keeps its dtype
         f = self.ffn_post(self.ffn(self.ffn_pre(x)))
-        return x + (f if g is None else g * f)
+        return x + (f if g is None else (g * f).type_as(x))
 
 
 class GPT(nn.Module):

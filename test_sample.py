@@ -1,0 +1,120 @@
+"""Tests of sample.py against small checkpoints made here (CPU, no network)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+import tiktoken
+from model import GPT, GPTConfig
+from prepare import DataError
+
+CHARS = sorted("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")  # as prepare.py stores them
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_checkpoint(out_dir, gated=True, meta=None):
+    cfg = GPTConfig(vocab_size=len(CHARS), block_size=64, n_layer=4, n_head=2, n_kv_head=1, n_embd=32, gated=gated)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    if gated:
+        with torch.no_grad():  # letters a-m skip the middle two layers
+            m.tok_emb.weight[:, 0] = -1.0
+            m.tok_emb.weight[CHARS.index("a"):CHARS.index("n"), 0] = 1.0
+            m.gate_heads[1].weight.zero_()
+            m.gate_heads[1].weight[0, 0] = 100.0
+    meta = meta or {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"model": m.state_dict(), "model_args": vars(cfg), "meta": meta, "step": 7},
+               os.path.join(out_dir, "ckpt.pt"))
+
+
+def run(out_dir, *args):
+    sample.main([f"--out_dir={out_dir}", "--max_new_tokens=40", *args])
+
+
+def test_samples_are_reproducible_with_a_seed(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    def samples(seed):
+        run(tmp_path, "--start=ROMEO:", f"--seed={seed}", "--num_samples=2")
+        out = capsys.readouterr().out
+        assert "layers run per new token" in out
+        return out.rsplit("-" * 40, 1)[0]  # the texts, without the timing line
+
+    first = samples(5)
+    assert first.startswith("ROMEO:")
+    assert samples(5) == first
+    assert samples(6) != first
+
+
+def test_prompt_from_file(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    (tmp_path / "prompt.txt").write_text("JULIET:\n")
+    run(tmp_path, f"--start=FILE:{tmp_path / 'prompt.txt'}")
+    assert capsys.readouterr().out.startswith("JULIET:\n")
+    with pytest.raises(DataError, match="--start=FILE:.*missing.txt"):
+        run(tmp_path, f"--start=FILE:{tmp_path / 'missing.txt'}")
+
+
+def test_show_skips_plain_tags_histogram_and_savings(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    run(tmp_path, "--start=abc", "--show_skips", "--no_color", "--temperature=1.0")
+    out = capsys.readouterr().out
+    assert "|2]" in out, "tokens that skip the middle layers are tagged with the layers they ran"
+    assert "\033[" not in out
+    assert "layer  1 |" in out and "legend" in out
+    saved = float(out.rsplit("compute saved vs running every layer: ", 1)[1].split("%")[0])
+    assert saved > 0
+
+
+def test_show_skips_colours_on_a_terminal(tmp_path, capsys, monkeypatch):
+    write_checkpoint(tmp_path)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    run(tmp_path, "--start=abc", "--show_skips", "--temperature=1.0")
+    assert "\033[38;5;" in capsys.readouterr().out
+
+
+def test_dense_checkpoint_reports_no_savings(tmp_path, capsys):
+    write_checkpoint(tmp_path, gated=False)
+    run(tmp_path, "--show_skips")
+    out = capsys.readouterr().out
+    assert "4.00 of 4 layers" in out and "saved vs running every layer: 0.0%" in out
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(DataError, match="no checkpoint at .*ckpt.pt: train one with `python train.py"):
+        run(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="ckpt.pt is not a usable train.py checkpoint"):
+        run(tmp_path)
+    write_checkpoint(tmp_path)
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])  # truncated by a crash
+    with pytest.raises(DataError, match="not a usable"):
+        run(tmp_path)
+
+
+def test_prompt_outside_the_char_vocabulary(tmp_path):
+    write_checkpoint(tmp_path)
+    with pytest.raises(DataError, match="'#'"):
+        run(tmp_path, "--start=a#b")
+
+
+def test_gpt2_checkpoint_offline_says_so(tmp_path, monkeypatch):
+    write_checkpoint(tmp_path, meta={"tokenizer": "gpt2", "vocab_size": 50257})
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="GPT-2"):
+        run(tmp_path)
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: no checkpoint")
