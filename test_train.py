@@ -1,0 +1,239 @@
+"""Tests of train.py on CPU: exact resume, torchrun/DDP with 2 gloo processes, the default run
+learning, checkpoints, and the one-line errors. Each run is a real `python train.py ...` in a
+subprocess with a tiny model; the whole file takes a minute or two on a 2-core CPU."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--n_layer=2', '--n_head=2', '--n_kv_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+        '--eval_tokens=1024', '--log_interval=1']
+# one thread per process: the runs are tiny, and 2 processes x 2 threads on 2 cores crawl
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+def run(args, out_dir=None, nproc=0, ok=True):
+    cmd = [sys.executable, 'train.py', *args] + ([f'--out_dir={out_dir}'] if out_dir else [])
+    if nproc:
+        cmd[1:2] = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def records(out_dir, kind):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['type'] == kind]
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def one_line_error(p, *needles):
+    """rc 1, no traceback, a single 'error: ...' line on stderr containing every needle."""
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert 'Traceback' not in p.stderr and len(lines) == 1 and lines[0].startswith('error: '), p.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A finished tiny run (also prepares data/shakespeare_char on first use)."""
+    out = str(tmp_path_factory.mktemp('tiny'))
+    run(TINY + ['--max_iters=4', '--eval_interval=2'], out)
+    return out
+
+
+# ----------------------------------------------------------------------------- settings (in-process)
+
+def test_overrides_are_type_checked():
+    c = train.parse_config(['--gated=false', '--learning_rate=3e-4', '--max_iters=2e3', '--compile=True',
+                            '--ctrl_coef_min=-inf', '--out_dir=x'])
+    assert c['gated'] is False and c['learning_rate'] == 3e-4 and c['max_iters'] == 2000
+    assert c['compile'] == 'true' and c['ctrl_coef_min'] == -math.inf and c['out_dir'] == 'x'
+    for bad in ('--n_layer=2.5', '--gated=yes please', '--learning_rate=fast', '--controller=pid', '--n_layer',
+                '--dtype=fp8', '--nlayer=4', '--warmup_frac=1.5', '--batch_size=0'):
+        with pytest.raises(train.ConfigError):
+            train.parse_config([bad])
+
+
+def test_presets():
+    assert train.parse_config(['config/cpu_default.py']) == train.DEFAULTS  # the preset documents the defaults
+    g = train.parse_config(['config/fineweb_gated.py'])
+    assert (g['n_layer'], g['n_embd'], g['n_head'], g['block_size'], g['tokens_per_step']) == (12, 768, 12, 1024, 524288)
+    assert g['gated'] and g['controller'] == 'proportional' and (g['ctrl_target_start'], g['ctrl_target_end']) == (1.0, 0.5)
+    assert (g['learning_rate'], g['beta1'], g['beta2'], g['weight_decay']) == (1e-3, 0.8, 0.95, 0.0)
+    assert g['dataset'] == 'fineweb10B' and (g['warmup_frac'], g['warmup_start']) == (0.1, 0.1)
+    d = train.parse_config(['config/fineweb_dense.py', '--n_layer=6'])
+    assert not d['gated'] and d['n_layer'] == 6 and d['tokens_per_step'] == 524288
+    s = train.parse_config(['config/shakespeare_char_gpu.py'])
+    assert s['n_layer'] == 6 and s['n_embd'] == 384 and s['block_size'] == 256
+
+
+def test_lr_schedule():
+    c = dict(train.DEFAULTS, max_iters=100, learning_rate=1e-3)
+    assert train.get_lr(0, c) == pytest.approx(1e-4)              # warmup from 0.1x ...
+    assert train.get_lr(5, c) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert train.get_lr(10, c) == pytest.approx(1e-3)              # ... over the first 10% ...
+    assert train.get_lr(55, c) == pytest.approx(5e-4)              # ... then cosine to 0
+    assert train.get_lr(99, c) < 1e-6
+    assert all(train.get_lr(i, c) >= train.get_lr(i + 1, c) for i in range(10, 99))
+
+
+def test_atomic_save_and_prefixes(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    train.save_atomic({'a': torch.ones(3)}, path)
+    train.save_atomic({'a': torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and torch.load(path)['a'].sum() == 0
+    sd = train.clean_state_dict({'module._orig_mod.tok_emb.weight': 1, '_orig_mod.lm_head.weight': 2})
+    assert sd == {'tok_emb.weight': 1, 'lm_head.weight': 2}
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_resume_is_exact(tmp_path):
+    """N steps straight == N/2 steps, stop, resume, N/2 steps: the same float losses, gate
+    statistics, controller coefficients and final weights. The derivative controller keeps
+    EMA state, so a controller not restored would show."""
+    args = TINY + ['--max_iters=12', '--eval_interval=4', '--controller=proportional_derivative', '--ctrl_lr=0.05']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    run(args, a)
+    run(args + ['--stop_iter=6'], b)
+    assert load(b)['step'] == 6
+    p = run(args + ['--init_from=resume'], b)
+    assert 'resuming from' in p.stdout and 'note: resuming with settings' not in p.stdout
+    ra, rb = records(a, 'train'), records(b, 'train')
+    assert [r['step'] for r in rb] == list(range(1, 13))
+    keys = ('loss', 'ce', 'reg', 'lr', 'sparsity', 'mean_coefs', 'var_coefs', 'train_flops')
+    for x, y in zip(ra, rb):
+        assert {k: x[k] for k in keys} == {k: y[k] for k in keys}, x['step']
+    assert len({str(r['mean_coefs']) for r in ra}) > 2  # the controller really moved
+    va = {r['step']: r['val_loss'] for r in records(a, 'eval')}
+    vb = {r['step']: r['val_loss'] for r in records(b, 'eval')}
+    assert va[12] == vb[12] and va[8] == vb[8]
+    ca, cb = load(a), load(b)
+    for k, v in ca['model'].items():
+        assert torch.equal(v, cb['model'][k]), k
+    assert ca['data_state'] == cb['data_state'] and ca['controller']['steps'] == cb['controller']['steps'] == 12
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes (each reading its own part of every global batch,
+    2 accumulation micro-steps with no_sync) against 1 process on the same global batch."""
+    args = TINY + ['--max_iters=8', '--eval_interval=4', '--tokens_per_step=512', '--debug_dump=true',
+                   '--ctrl_lr=0.05', '--gated=true']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    run(args + ['--batch_size=4'], one)  # 512 = 1 x 4 seqs x 32 x 4 accum
+    p = run(args + ['--batch_size=2'], two, nproc=2)  # 512 = 2 procs x 2 seqs x 32 x 4 accum
+    assert 'ddp gloo' in p.stdout and '2 procs x 4 accum' in p.stdout
+    r1, r2 = records(one, 'train'), records(two, 'train')
+    assert len(r1) == len(r2) == 8
+    for x, y in zip(r1, r2):
+        assert y['loss'] == pytest.approx(x['loss'], rel=1e-4, abs=1e-5), x['step']
+        assert y['mean_coefs'] == pytest.approx(x['mean_coefs'], rel=1e-3, abs=1e-7)
+    e1, e2 = records(one, 'eval'), records(two, 'eval')
+    assert e2[-1]['val_loss'] == pytest.approx(e1[-1]['val_loss'], rel=1e-4)
+    # every rank took the same controller steps; the data position is global
+    d0, d1 = (torch.load(os.path.join(two, f'debug_rank{r}.pt')) for r in (0, 1))
+    for k in ('mean_coefs', 'var_coefs'):
+        assert torch.equal(d0['controller'][k], d1['controller'][k])
+    assert d0['controller']['mean_coefs'].abs().sum() > 0
+    assert d0['param_sum'] == d1['param_sum'] and d0['data_state'] == d1['data_state']
+    m1, m2 = load(one)['model'], load(two)['model']
+    for k in m1:
+        assert torch.allclose(m1[k], m2[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_default_run_learns_and_leaves_a_usable_checkpoint(tmp_path):
+    """The default model (no size overrides), cut short: val loss falls, progress is printed,
+    and the checkpoint rebuilds the model with no compile/DDP prefixes."""
+    out = str(tmp_path / 'default')
+    p = run(['--max_iters=40', '--eval_interval=20', '--eval_tokens=4096', '--log_interval=10'], out)
+    assert 'step 10 |' in p.stdout and 'tok/s' in p.stdout and 'gate_mean' in p.stdout and 'resid_norm' in p.stdout
+    evals = records(out, 'eval')
+    assert [e['step'] for e in evals] == [0, 20, 40]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5, [e['val_loss'] for e in evals]
+    for e in evals:
+        assert len(e['gate_mean']) == train.DEFAULTS['n_layer'] and 0 <= e['sparsity'] <= 1
+        assert e['flops_per_token'] > 0
+    assert evals[-1]['train_flops'] > 0
+    trains = records(out, 'train')
+    assert {'loss', 'ce', 'reg', 'lr', 'sparsity', 'ms', 'tok_s', 'mfu'} <= set(trains[-1]) and trains[-1]['mfu'] is None
+    ckpt = load(out)
+    assert {'model', 'optimizer', 'model_args', 'config', 'controller', 'step', 'rng', 'data_state', 'meta',
+            'best_val_loss'} <= set(ckpt)
+    assert ckpt['step'] == 40 and ckpt['meta']['tokenizer'] == 'char'
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    from model import GPT, GPTConfig
+    GPT(GPTConfig(**ckpt['model_args'])).load_state_dict(ckpt['model'])  # strict
+
+
+def test_dense_baseline_and_a_second_scratch_run(tmp_path):
+    out = str(tmp_path / 'dense')
+    run(TINY + ['--gated=false', '--n_layer=3', '--max_iters=3', '--eval_interval=3'], out)
+    ckpt = load(out)
+    assert ckpt['controller'] is None and ckpt['model_args']['n_layer'] == 3
+    assert all(r['reg'] == 0 and r['sparsity'] == 0 for r in records(out, 'train'))
+    # starting from scratch again in the same out_dir keeps the earlier run one generation back
+    p = run(TINY + ['--max_iters=2', '--eval_interval=2'], out)
+    assert 'ckpt.prev.pt' in p.stdout
+    assert torch.load(os.path.join(out, 'ckpt.prev.pt'))['model_args']['n_layer'] == 3
+    assert load(out)['model_args']['n_layer'] == 2 and len(records(out, 'start')) == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = str(tmp_path / 'nan')
+    p = run(TINY + ['--max_iters=20', '--eval_interval=5', '--debug_nan_step=8'], out, ok=False)
+    one_line_error(p, 'non-finite loss at step 8', 'step 5')
+    assert load(out)['step'] == 5 and sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+    assert max(r['step'] for r in records(out, 'train')) == 7
+    # a real divergence, no debug switch
+    p = run(TINY + ['--max_iters=20', '--learning_rate=1e6'], str(tmp_path / 'diverge'), ok=False)
+    one_line_error(p, 'non-finite loss at step')
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path):
+    out = str(tmp_path / 'term')
+    cmd = [sys.executable, 'train.py', *TINY, '--max_iters=100000', '--eval_interval=100000', f'--out_dir={out}']
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith('step 3 |'):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    step = load(out)['step']
+    assert step >= 3 and f'saved {out}/ckpt.pt (step {step})' in rest
+
+
+def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
+    one_line_error(run(['--n_layr=4'], ok=False), "unknown setting 'n_layr'", 'n_layer')
+    one_line_error(run(['--n_layer=four'], ok=False), 'n_layer must be int', "'four'")
+    one_line_error(run(['--dataset=nosuchdata'], ok=False), 'data/nosuchdata', 'python prepare.py nosuchdata')
+    one_line_error(run(TINY + ['--vocab_size=50'], tmp_path / 'v', ok=False), 'vocab_size=50', 'meta.json')
+    one_line_error(run(TINY + ['--tokens_per_step=100'], tmp_path / 't', ok=False), 'tokens_per_step=100')
+    one_line_error(run(TINY + ['--init_from=resume'], tmp_path / 'none', ok=False), 'no checkpoint')
+    # config against checkpoint: the field is named
+    one_line_error(run(TINY + ['--init_from=resume', '--vocab_size=256'], tiny_ckpt, ok=False),
+                   'vocab_size', 'checkpoint', '128', '256')
+    one_line_error(run(TINY + ['--init_from=resume', '--n_embd=64'], tiny_ckpt, ok=False),
+                   'n_embd', 'checkpoint', '--n_embd=32')
+    one_line_error(run(TINY + ['--init_from=resume', '--gated=false'], tiny_ckpt, ok=False), 'gated')
