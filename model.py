@@ -250,27 +250,16 @@ class GPT(nn.Module):
                 resid_norms.append(x.float().norm(dim=-1).mean())
         return x, (torch.stack(gates).squeeze(-1) if cfg.gated else None)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, resid_norms=None):
         """idx (B, T) -> logits (B, T, V), mean cross-entropy (or None), gates (L, B, T) or None.
-        The gate regularizer is not in the loss: add GateController.loss(gates)."""
-        x, gates = self.trunk(idx)
+        The gate regularizer is not in the loss: add GateController.loss(gates). A list passed
+        as resid_norms receives each layer's mean residual-stream norm (for evaluation tables)."""
+        x, gates = self.trunk(idx, resid_norms)
         logits = self.lm_head(self.norm_out(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, gates
-
-    @torch.no_grad()
-    def layer_stats(self, idx):
-        """Per-layer gate mean, variance, fraction exactly 0, and residual-stream norm after
-        the layer, each a (n_layer,) tensor -- for evaluation tables."""
-        norms = []
-        _, gates = self.trunk(idx, resid_norms=norms)
-        if gates is None:
-            gates = torch.ones(self.config.n_layer, *idx.shape, device=idx.device)
-        gates = gates.float()
-        return {"gate_mean": gates.mean((1, 2)), "gate_var": gates.var((1, 2)),
-                "gate_zero": (gates.abs() < 1e-8).float().mean((1, 2)), "resid_norm": torch.stack(norms)}
 
     def flops_per_token(self, sparsity=0.0, seq_len=None):
         """Estimated forward FLOPs per token (SPEC section 6): every matmul as 2 flops per
@@ -290,12 +279,12 @@ class GPT(nn.Module):
         gate_heads = (c.n_layer // 2) * (2 * d + 4) if c.gated else 0
         return norm + gate_heads + (1.0 - sparsity) * c.n_layer * block + norm + 2 * d * V
 
-    def configure_optimizer(self, learning_rate, betas, weight_decay, device_type):
+    def configure_optimizer(self, learning_rate, betas, weight_decay, device_type, eps=1e-8):
         """AdamW; weight decay only on matrices (not norms or biases); fused kernel on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
     # ---------------------------------------------------------------- generation
 
@@ -361,11 +350,13 @@ class GPT(nn.Module):
                 g, m = self.layer_gate(i, x, m, gates)
                 gates.append(g)
                 if skip:
-                    cache.bias[i][:, pos] = float("-inf")
                     active = g.view(B) > 0
-                    if not active.any():
+                    n_active = int(active.sum())  # one host sync per layer decides what runs
+                    if n_active < B:
+                        cache.bias[i][:, pos] = float("-inf")
+                    if n_active == 0:
                         continue  # the whole batch skips this layer
-                    if not active.all():
+                    if n_active < B:
                         rows = active.nonzero().squeeze(1)
                         g = g[rows]
             xr = x[rows]
