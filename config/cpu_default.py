@@ -19,6 +19,7 @@ gated = True
 controller = 'proportional'
 ctrl_target_start = 1.0
 ctrl_target_end = 0.5
+ctrl_lr = 2e-2           # 20x the paper's rate: a 1000-step run needs a faster controller
 
 learning_rate = 1e-3
 max_iters = 1000

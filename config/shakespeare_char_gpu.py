@@ -19,6 +19,7 @@ gated = True
 controller = 'proportional'
 ctrl_target_start = 1.0
 ctrl_target_end = 0.5
+ctrl_lr = 1e-2           # faster than the paper's 1e-3, which is tuned for ~19,000 steps
 
 learning_rate = 1e-3
 max_iters = 5000
