@@ -16,6 +16,7 @@ import time
 import torch
 
 from model import GPT, GateController, GPTConfig, KVCache
+from train import peak_flops  # the same peak table as train.py's MFU
 
 # defaults: the CPU target of the issue (n_layer=6, n_embd=384, T=256)
 settings = dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=6, block_size=256, batch_size=8,
@@ -105,15 +106,10 @@ def bench_train():
         line = f"| {'gated' if gated else 'dense'} | {1e3 * t:.1f} | {B * T / t:,.0f} |"
         if device == "cuda":
             flops = 3 * runs[gated][1].flops_per_token(0.0, T) * B * T / t
-            line += f" {100 * flops / peak_flops():.1f}% |"
+            peak = peak_flops("cuda")
+            line += f" {100 * flops / peak:.1f}% |" if peak else " n/a |"
         print(line)
     print(f"gated/dense step-time ratio: {statistics.median(results[True]) / statistics.median(results[False]):.3f}")
-
-
-def peak_flops():
-    """Dense bf16 peak of the GPU, for MFU (the same table train.py uses)."""
-    from train import peak_flops_for
-    return peak_flops_for(torch.cuda.get_device_name())
 
 
 def half_skipping_model():
