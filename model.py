@@ -349,16 +349,14 @@ class GPT(nn.Module):
             if cfg.gated:
                 g, m = self.layer_gate(i, x, m, gates)
                 gates.append(g)
-                if skip:
-                    active = g.view(B) > 0
-                    n_active = int(active.sum())  # one host sync per layer decides what runs
-                    if n_active < B:
-                        cache.bias[i][:, pos] = float("-inf")
+                active = g.view(B) > 0
+                n_active = int(active.sum()) if skip else B  # one host sync per layer decides what runs
+                if n_active < B:  # some rows skip: hide their slot, run only the others
+                    cache.bias[i][:, pos] = float("-inf")
                     if n_active == 0:
                         continue  # the whole batch skips this layer
-                    if n_active < B:
-                        rows = active.nonzero().squeeze(1)
-                        g = g[rows]
+                    rows = active.nonzero().squeeze(1)
+                    g = g[rows]
             xr = x[rows]
             q, k, v = block.attn.qkv(block.attn_pre(xr), cos, sin)
             cache.k[i][rows, :, pos], cache.v[i][rows, :, pos] = k[:, :, 0], v[:, :, 0]
