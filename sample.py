@@ -64,7 +64,7 @@ def load_checkpoint(out_dir, device):
     if not os.path.exists(path):
         raise DataError(f"no checkpoint at {path}: train one with `python train.py --out_dir={out_dir}`")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)  # no code runs from the file
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         meta = ckpt["meta"]
