@@ -91,7 +91,9 @@ def decode_speeds(out_dir, context, tokens=96, repeats=5):
     settings.update(device="cpu", repeats=repeats)
     tokens = min(tokens, model.config.block_size // 2)  # both must fit in the context window
     context = min(context, model.config.block_size - tokens)
-    val = read_shard(shard_paths(os.path.join(HERE, "data", meta.get("name", "shakespeare_char")), "val")[0])
+    config = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["config"]
+    data_dir = config["data_dir"] or os.path.join(HERE, "data", config["dataset"])
+    val = read_shard(shard_paths(data_dir, "val")[0])
     seq = torch.from_numpy(val[: context + tokens].astype("int64"))[None]
     _, _, gates = model(seq)
     layers_run = model.config.n_layer if gates is None else (gates[:, 0, context:] > 0).sum(0).float().mean().item()

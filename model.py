@@ -1,9 +1,10 @@
 """
-A transformer that learns to skip its middle layers (Lawson & Aitchison, 2025).
+A transformer that learns to skip its middle layers: T. Lawson and L. Aitchison, "Learning
+to Skip the Middle Layers of Transformers" (2025), https://arxiv.org/abs/2506.21103.
 
 Read top to bottom: config, RMSNorm, rotary embeddings, attention, SwiGLU, the
 sandwich-norm block, the model with its gate heads, generation with a KV cache that
-really skips layers, and the gate regularizer with its controllers.
+really skips layers, the gate regularizer with its controllers, and checkpoints.
 
 The idea in one picture (L = 6 layers, one token):
 
@@ -17,6 +18,7 @@ adds nothing to it and no other token may attend to its key there.
 """
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlexAttention (torch >= 2.5) fuses the key-indexed gate bias into the kernel on GPUs
+try:  # FlexAttention fuses the key-indexed gate bias into the attention kernel on GPUs
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     flex_attention = None
@@ -32,7 +34,9 @@ except ImportError:
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304
+    vocab_size: int = 50304  # rows of the embedding and the logits, padding ids included
+    data_vocab_size: int = 0  # the tokenizer's vocabulary: ids from here up are padding and
+    #                           are never sampled (0: no padding)
     block_size: int = 1024
     n_layer: int = 12
     n_head: int = 12
@@ -49,19 +53,29 @@ class GPTConfig:
     attn_backend: str = "auto"  # "auto" (FlexAttention on CUDA when gated, else SDPA), "sdpa", "flex"
 
     def __post_init__(self):
-        def need(ok, field, msg):
-            if not ok:
-                raise ValueError(f"GPTConfig.{field}: {msg}")
-        for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            need(getattr(self, field) > 0, field, f"must be positive, got {getattr(self, field)}")
-        need(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
-        need(self.n_head % self.n_kv_head == 0, "n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        need((self.n_embd // self.n_head) % 2 == 0, "n_head", f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
-        need(not self.gated or self.n_layer % 2 == 0, "n_layer", f"must be even for a gated model (gates are mirrored), got {self.n_layer}")
-        need(self.gate_init in ("normal", "zero"), "gate_init", f"must be 'normal' or 'zero', got {self.gate_init!r}")
-        need(self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend", f"must be 'auto', 'sdpa' or 'flex', got {self.attn_backend!r}")
-        need(self.attn_backend != "flex" or flex_attention is not None, "attn_backend", "'flex' needs torch >= 2.5 (FlexAttention)")
-        need(self.gate_eps > 0, "gate_eps", f"must be positive, got {self.gate_eps}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            self._need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        self._need(0 <= self.data_vocab_size <= self.vocab_size, "data_vocab_size",
+                   f"must be in [0, vocab_size={self.vocab_size}], got {self.data_vocab_size}")
+        self._need(self.n_embd % self.n_head == 0, "n_embd",
+                   f"{self.n_embd} is not divisible by n_head={self.n_head}")
+        self._need(self.n_head % self.n_kv_head == 0, "n_kv_head",
+                   f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        self._need((self.n_embd // self.n_head) % 2 == 0, "n_head",
+                   f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for rotary")
+        self._need(not self.gated or self.n_layer % 2 == 0, "n_layer",
+                   f"must be even for a gated model (gates are mirrored), got {self.n_layer}")
+        self._need(self.gate_init in ("normal", "zero"), "gate_init",
+                   f"must be 'normal' or 'zero', got {self.gate_init!r}")
+        self._need(self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend",
+                   f"must be 'auto', 'sdpa' or 'flex', got {self.attn_backend!r}")
+        self._need(self.attn_backend != "flex" or flex_attention is not None, "attn_backend",
+                   "'flex' needs FlexAttention (torch >= 2.6)")
+        self._need(self.gate_eps > 0, "gate_eps", f"must be positive, got {self.gate_eps}")
+
+    def _need(self, ok, field, msg):
+        if not ok:
+            raise ValueError(f"GPTConfig.{field}: {msg}")
 
 
 class RMSNorm(nn.Module):
@@ -90,28 +104,31 @@ def apply_rotary(x, cos, sin):
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
+def gate_bias(g, eps):
+    """The attention bias of a key whose gate is g: log(max(g, eps)). 0 for an open gate,
+    log(eps) (about -14: no attention) for a closed one, and differentiable in between, so
+    the gate heads also learn from what hiding a key does to the other tokens."""
+    return torch.log(g.clamp_min(eps))
+
+
 _causal_block_masks = {}  # FlexAttention block masks, one per (length, device)
+_flex_compiled = None
 
 
 def flex_causal_with_key_bias(q, k, v, key_bias):
     """Causal attention with score[b, h, q, k] += key_bias[b, k], fused by FlexAttention."""
+    global _flex_compiled
     T, device = q.size(2), q.device
     if (T, device) not in _causal_block_masks:
         causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
-        _causal_block_masks[(T, device)] = create_block_mask(causal, None, None, T, T, device=str(device))
+        _causal_block_masks[(T, device)] = create_block_mask(causal, None, None, T, T,
+                                                             device=str(device))
     score_mod = lambda score, b, h, q_idx, kv_idx: score + key_bias[b, kv_idx]
-    attend = _compiled_flex() if q.is_cuda else flex_attention  # eager flex is a slow reference
-    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_masks[(T, device)], enable_gqa=True)
-
-
-_flex_compiled = None
-
-
-def _compiled_flex():
-    global _flex_compiled
-    if _flex_compiled is None:
+    if q.is_cuda and _flex_compiled is None:  # eager FlexAttention is a slow reference
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled
+    attend = _flex_compiled if q.is_cuda else flex_attention
+    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_masks[(T, device)],
+                  enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -131,22 +148,24 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin, key_bias=None, backend="sdpa", kv_store=None):
-        """Causal self-attention; returns the heads (B, H, T, hd) before the output projection.
-        key_bias (B, T) is added to the score of every query on key position k -- indexed by
-        the KEY, so a gate of 0 at k hides k from everyone. (A bias indexed by the query is
-        constant along each softmax row and would change nothing.)"""
+    def forward(self, x, cos, sin, key_bias=None, backend="sdpa"):
+        """Causal self-attention. Returns the heads (B, H, T, hd) before the output projection
+        and the keys and values (for a cache). key_bias (B, T) is added to the score of every
+        query on key position k -- indexed by the KEY, so a gate of 0 at k hides k from
+        everyone. (Indexed by the query it would be constant along each softmax row, which
+        softmax ignores: it would change nothing.)"""
         q, k, v = self.qkv(x, cos, sin)
-        if kv_store is not None:
-            kv_store.append((k, v))  # generation keeps them in its cache
         if key_bias is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if backend == "flex":
-            return flex_causal_with_key_bias(q, k, v, key_bias.float())
-        T = x.size(1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        mask = key_bias[:, None, None, :].masked_fill(~causal, float("-inf"))  # (B, 1, T, T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=True)
+            heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif backend == "flex":
+            heads = flex_causal_with_key_bias(q, k, v, key_bias.float())
+        else:
+            T = x.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = key_bias[:, None, None, :].masked_fill(~causal, float("-inf"))  # (B, 1, T, T)
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
+                                                   enable_gqa=True)
+        return heads, k, v
 
 
 class SwiGLU(nn.Module):
@@ -162,7 +181,8 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Sandwich-norm ("peri-LN") block; the gate g (B, T, 1) scales both residual updates."""
+    """Sandwich-norm ("peri-LN") block: each sublayer's input AND output are normalized
+    before the output joins the residual stream; the gate g (B, T, 1) scales both updates."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -171,9 +191,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, g=None, key_bias=None, backend="sdpa", kv_store=None):
-        heads = self.attn(self.attn_pre(x), cos, sin, key_bias, backend, kv_store)
-        return self.finish(x, heads, g)
+    def forward(self, x, cos, sin, g=None, key_bias=None, backend="sdpa"):
+        """The new stream, and this layer's keys and values."""
+        heads, k, v = self.attn(self.attn_pre(x), cos, sin, key_bias, backend)
+        return self.finish(x, heads, g), (k, v)
 
     def finish(self, x, heads, g):
         """Everything after the attention scores: output projection, FFN, gated residuals."""
@@ -194,7 +215,8 @@ class GPT(nn.Module):
         self.norm_out = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied
         # one gate head per layer of the first half; the second half mirrors them
-        self.gate_heads = nn.ModuleList(nn.Linear(cfg.n_embd, 1) for _ in range(cfg.n_layer // 2)) if cfg.gated else None
+        self.gate_heads = (nn.ModuleList(nn.Linear(cfg.n_embd, 1) for _ in range(cfg.n_layer // 2))
+                           if cfg.gated else None)
         cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -227,10 +249,13 @@ class GPT(nn.Module):
     def attn_backend(self, device):
         if self.config.attn_backend != "auto":
             return self.config.attn_backend
-        return "flex" if device.type == "cuda" and self.config.gated and flex_attention is not None else "sdpa"
+        use_flex = device.type == "cuda" and self.config.gated and flex_attention is not None
+        return "flex" if use_flex else "sdpa"
 
-    def trunk(self, idx, resid_norms=None, kv_store=None):
-        """Embedding and all blocks: the final residual stream (B, T, d) and the gates."""
+    def trunk(self, idx, keep_kv=False, resid_norms=False):
+        """Embedding and all blocks. Returns the final residual stream (B, T, d), the gates
+        (L, B, T) or None, each layer's (keys, values) if keep_kv, and each layer's mean
+        residual-stream norm (L,) if resid_norms (None where not asked for)."""
         B, T = idx.shape
         cfg = self.config
         if T > cfg.block_size:
@@ -238,45 +263,50 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         backend = self.attn_backend(idx.device)
         x = self.norm_in(self.tok_emb(idx))
-        gates, m = [], 0.0
+        gates, kv, norms, m = [], [], [], 0.0
         for i, block in enumerate(self.blocks):
             g = key_bias = None
             if cfg.gated:
                 g, m = self.layer_gate(i, x, m, gates)
                 gates.append(g)
-                key_bias = torch.log(g.squeeze(-1).clamp_min(cfg.gate_eps))
-            x = block(x, cos, sin, g, key_bias, backend, kv_store)
-            if resid_norms is not None:
-                resid_norms.append(x.float().norm(dim=-1).mean())
-        return x, (torch.stack(gates).squeeze(-1) if cfg.gated else None)
+                key_bias = gate_bias(g.squeeze(-1), cfg.gate_eps)
+            x, layer_kv = block(x, cos, sin, g, key_bias, backend)
+            if keep_kv:
+                kv.append(layer_kv)
+            if resid_norms:
+                norms.append(x.float().norm(dim=-1).mean())
+        gates = torch.stack(gates).squeeze(-1) if cfg.gated else None
+        return x, gates, (kv if keep_kv else None), (torch.stack(norms) if resid_norms else None)
 
-    def forward(self, idx, targets=None, resid_norms=None):
-        """idx (B, T) -> logits (B, T, V), mean cross-entropy (or None), gates (L, B, T) or None.
-        The gate regularizer is not in the loss: add GateController.loss(gates). A list passed
-        as resid_norms receives each layer's mean residual-stream norm (for evaluation tables)."""
-        x, gates = self.trunk(idx, resid_norms)
+    def forward(self, idx, targets=None, resid_norms=False):
+        """idx (B, T) -> logits (B, T, V), mean cross-entropy (or None), gates (L, B, T) or None;
+        with resid_norms=True also each layer's mean residual-stream norm (L,), for evaluation
+        tables. The gate regularizer is not in the loss: add GateController.loss(gates)."""
+        x, gates, _, norms = self.trunk(idx, resid_norms=resid_norms)
         logits = self.lm_head(self.norm_out(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss, gates
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return (logits, loss, gates, norms) if resid_norms else (logits, loss, gates)
 
     def flops_per_token(self, sparsity=0.0, seq_len=None):
-        """Estimated forward FLOPs per token (SPEC section 6): every matmul as 2 flops per
-        multiply-add, plus norms and elementwise work; a skipped (token, layer) costs nothing.
-        Training costs about 3x this (forward + backward)."""
+        """Estimated forward FLOPs per token: every matmul as 2 flops per multiply-add (the
+        attention scores and weighted sum over the full seq_len, as usually counted), plus
+        norms and elementwise work. A skipped (token, layer) pair costs nothing, so the blocks
+        count (1 - sparsity) times. Training costs about 3x this (forward + backward)."""
         c = self.config
         T, d, V, h = seq_len or c.block_size, c.n_embd, c.vocab_size, 4 * c.n_embd
         kv_dim = c.n_kv_head * (d // c.n_head)
         norm = 4 * d  # square, mean, rsqrt-scale, weight
-        block = (2 * d * (d + 2 * kv_dim)       # q, k, v projections
-                 + 3 * (d + kv_dim)             # rotary on q and k
-                 + 2 * T * d + 2 * T * d        # scores q.k and weighted sum of v (full T, as usually counted)
-                 + 5 * c.n_head * T             # bias, max, exp, sum, divide in the softmax
-                 + 2 * d * d                    # output projection
-                 + 3 * 2 * d * h + 5 * h        # SwiGLU matmuls, silu and product
-                 + 4 * norm + 4 * d)            # four norms, two gate products and residual adds
-        gate_heads = (c.n_layer // 2) * (2 * d + 4) if c.gated else 0
+        block = (2 * d * (d + 2 * kv_dim)   # q, k, v projections
+                 + 3 * (d + kv_dim)         # rotary on q and k
+                 + 2 * T * d + 2 * T * d    # scores q.k and the weighted sum of v
+                 + 5 * c.n_head * T         # bias, max, exp, sum, divide in the softmax
+                 + 2 * d * d                # output projection
+                 + 3 * 2 * d * h + 5 * h    # SwiGLU matmuls, silu and product
+                 + 4 * norm + 4 * d)        # four norms, two gate products and residual adds
+        gate_heads = (c.n_layer // 2) * (2 * d + 4) if c.gated else 0  # dot, bias, relu, sum, clamp
         return norm + gate_heads + (1.0 - sparsity) * c.n_layer * block + norm + 2 * d * V
 
     def configure_optimizer(self, learning_rate, betas, weight_decay, device_type, eps=1e-8):
@@ -284,7 +314,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
+                                 fused=device_type == "cuda")
 
     # ---------------------------------------------------------------- generation
 
@@ -299,9 +330,10 @@ class GPT(nn.Module):
         skip=False runs every layer for every token (to measure what skipping saves)."""
         cfg = self.config
         if idx.size(1) > cfg.block_size:
-            warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last block_size={cfg.block_size}")
+            warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last "
+                          f"block_size={cfg.block_size}")
             idx = idx[:, -cfg.block_size:]
-        steps = max_new_tokens + (1 if return_gates else 0)  # one more pass gives the last token's gates
+        steps = max_new_tokens + (1 if return_gates else 0)  # one more pass: the last token's gates
         cache = KVCache(self, idx.size(0), min(cfg.block_size, idx.size(1) + steps), idx.device)
         logits, gates = self.prefill(idx, cache)
         all_gates = [gates]
@@ -321,18 +353,25 @@ class GPT(nn.Module):
             return idx
         return idx, (torch.cat(all_gates, dim=2) if cfg.gated else None)
 
+    def next_logits(self, x_last):
+        """Next-token logits (B, V) from the last position's stream. Padding ids (from
+        data_vocab_size up) get -inf, so no sampling rule can ever pick one."""
+        logits = self.lm_head(self.norm_out(x_last))
+        if 0 < self.config.data_vocab_size < logits.size(-1):
+            logits[:, self.config.data_vocab_size:] = float("-inf")
+        return logits
+
     def prefill(self, idx, cache):
         """The prompt through the ordinary masked forward pass, filling every layer's cache.
         Returns last-position logits (B, V) and the gates (L, B, T)."""
-        kv = []
-        x, gates = self.trunk(idx, kv_store=kv)
+        x, gates, kv, _ = self.trunk(idx, keep_kv=True)
         T = idx.size(1)
         for i, (k, v) in enumerate(kv):
             cache.k[i][:, :, :T], cache.v[i][:, :, :T] = k, v
             if gates is not None:
-                cache.bias[i][:, :T] = torch.log(gates[i].clamp_min(self.config.gate_eps))
+                cache.bias[i][:, :T] = gate_bias(gates[i], self.config.gate_eps)
         cache.length = T
-        return self.lm_head(self.norm_out(x[:, -1])), gates
+        return self.next_logits(x[:, -1]), gates
 
     def decode_one(self, token, cache, skip=True):
         """One new token (B, 1) through the layers it does not skip, reading and extending the
@@ -350,7 +389,7 @@ class GPT(nn.Module):
                 g, m = self.layer_gate(i, x, m, gates)
                 gates.append(g)
                 active = g.view(B) > 0
-                n_active = int(active.sum()) if skip else B  # one host sync per layer decides what runs
+                n_active = int(active.sum()) if skip else B  # one host sync per layer
                 if n_active < B:  # some rows skip: hide their slot, run only the others
                     cache.bias[i][:, pos] = float("-inf")
                     if n_active == 0:
@@ -362,14 +401,15 @@ class GPT(nn.Module):
             cache.k[i][rows, :, pos], cache.v[i][rows, :, pos] = k[:, :, 0], v[:, :, 0]
             mask = None
             if g is not None:
-                cache.bias[i][rows, pos] = torch.log(g.view(-1).clamp_min(cfg.gate_eps))
+                cache.bias[i][rows, pos] = gate_bias(g.view(-1), cfg.gate_eps)
                 mask = cache.bias[i][rows, None, None, :pos + 1].to(q.dtype)
-            heads = F.scaled_dot_product_attention(q, cache.k[i][rows, :, :pos + 1], cache.v[i][rows, :, :pos + 1],
+            heads = F.scaled_dot_product_attention(q, cache.k[i][rows, :, :pos + 1],
+                                                   cache.v[i][rows, :, :pos + 1],
                                                    attn_mask=mask, enable_gqa=True)
             x[rows] = block.finish(xr, heads, g)
         cache.length = pos + 1
         gates = torch.stack(gates).view(cfg.n_layer, B, 1) if cfg.gated else None
-        return self.lm_head(self.norm_out(x[:, -1])), gates
+        return self.next_logits(x[:, -1]), gates
 
 
 class KVCache:
@@ -380,9 +420,11 @@ class KVCache:
         cfg = model.config
         hd, dtype = cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype
         self.size, self.length = size, 0
-        self.k = [torch.zeros(batch, cfg.n_kv_head, size, hd, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        shape = (batch, cfg.n_kv_head, size, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros_like(t) for t in self.k]
-        self.bias = [torch.zeros(batch, size, device=device) for _ in range(cfg.n_layer)] if cfg.gated else None
+        self.bias = ([torch.zeros(batch, size, device=device) for _ in range(cfg.n_layer)]
+                     if cfg.gated else None)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -414,29 +456,43 @@ CONTROLLERS = ("sparsity", "sparsity_variance", "adaptive", "proportional", "pro
 
 
 class GateController:
-    """The gate regularizer loss = mean_l(c_l * mu_l) + mean_l(k_l * v_l) and the rule that sets
-    its coefficients c (mean) and k (variance) per layer:
-      sparsity                 c = coef, k = 0 (fixed)
-      sparsity_variance        c = coef, k = var_coef (fixed; negative k rewards 0/1 gates)
-      adaptive                 c += lr * sign(mu - t)               where |mu - t| > tol
-      proportional             c += lr * (mu - t)                   where |mu - t| > tol
-      proportional_derivative  c += lr * ((mu - t) + (ema1 - ema10)) where |mu - t| > tol
-    The target kinds update k the same way from v - t(1 - t) - var_target_delta. Targets t run
-    linearly from target_start (outer layers) to target_end (middle) and are mirrored."""
+    """The gate regularizer loss = mean_l(c_l * mu_l) + mean_l(k_l * v_l), from each layer's
+    gate mean mu_l and variance v_l, and the rule that sets its coefficients c and k. With
+    d = mu - t, the error from the layer's mean target t, after each step:
+      sparsity                 c = coef, k = 0                   (fixed)
+      sparsity_variance        c = coef, k = var_coef            (fixed; k < 0 rewards 0/1 gates)
+      adaptive                 c += lr * sign(d)  where |d| > tol
+      proportional             c += lr * d        where |d| > tol
+      proportional_derivative  c += lr * d        where |d| > tol and d * (d - ema10(d)) > 0
+    ema10 is the exponential moving average of d over 10 steps (weight 0.1 for the newest,
+    seeded by the first update, updated before the rule reads it). d - ema10 is the trend,
+    so the last rule pushes only while the error still grows away from its target. The
+    target kinds move k the same way, from the variance error v - (t(1 - t) + var_target_delta).
+    Targets run linearly from target_start (outer layers) to target_end (middle), mirrored.
+    lr=None takes the kind's own default: 1e-2 for proportional_derivative, else 1e-3."""
 
     def __init__(self, kind, n_layer, coef=0.01, var_coef=-0.01, target_start=1.0, target_end=0.5,
-                 var_target_delta=0.0, lr=1e-3, tol=0.01, coef_min=-math.inf, coef_max=math.inf, device="cpu"):
-        if kind not in CONTROLLERS:
-            raise ValueError(f"controller kind must be one of {', '.join(CONTROLLERS)}; got {kind!r}")
+                 var_target_delta=0.0, lr=None, tol=0.01, coef_min=-math.inf, coef_max=math.inf,
+                 device="cpu"):
+        lr = (1e-2 if kind == "proportional_derivative" else 1e-3) if lr is None else lr
+        for ok, msg in ((kind in CONTROLLERS, f"kind must be one of {', '.join(CONTROLLERS)}; "
+                                              f"got {kind!r}"),
+                        (n_layer > 0 and n_layer % 2 == 0, f"n_layer must be even, got {n_layer}"),
+                        (0 <= target_start <= 1 and 0 <= target_end <= 1,
+                         f"targets must be in [0, 1], got {target_start} and {target_end}"),
+                        (lr >= 0 and tol >= 0, f"lr and tol must be >= 0, got {lr} and {tol}"),
+                        (coef_min <= coef_max, f"coef_min {coef_min} is above coef_max {coef_max}")):
+            if not ok:
+                raise ValueError(f"controller {msg}")
         self.kind, self.lr, self.tol, self.coef_min, self.coef_max = kind, lr, tol, coef_min, coef_max
         half = torch.linspace(target_start, target_end, n_layer // 2, device=device)
         self.mean_targets = torch.cat([half, half.flip(0)])
         self.var_targets = (self.mean_targets * (1 - self.mean_targets) + var_target_delta).clamp_min(0)
         fixed = kind in ("sparsity", "sparsity_variance")
         self.mean_coefs = torch.full((n_layer,), coef if fixed else 0.0, device=device)
-        self.var_coefs = torch.full((n_layer,), var_coef if kind == "sparsity_variance" else 0.0, device=device)
-        # EMAs of the errors over 1 and 10 steps, for the derivative term
-        self.ema = {name: torch.zeros(n_layer, device=device) for name in ("mean_short", "mean_long", "var_short", "var_long")}
+        self.var_coefs = torch.full((n_layer,), var_coef if kind == "sparsity_variance" else 0.0,
+                                    device=device)
+        self.ema = {"mean": torch.zeros(n_layer, device=device), "var": torch.zeros(n_layer, device=device)}
         self.steps = 0
 
     def loss(self, gates):
@@ -453,17 +509,13 @@ class GateController:
         self.steps += 1
 
     def _step(self, coefs, error, name):
-        big = (error.abs() > self.tol).float()
-        if self.kind == "adaptive":
-            change = torch.sign(error)
-        elif self.kind == "proportional":
-            change = error
-        else:
-            for key, span in ((f"{name}_short", 1), (f"{name}_long", 10)):
-                beta = 0.0 if self.steps == 0 else 1 - 1 / span  # the first step seeds the EMA
-                self.ema[key] = beta * self.ema[key] + (1 - beta) * error
-            change = error + (self.ema[f"{name}_short"] - self.ema[f"{name}_long"])
-        return (coefs + self.lr * big * change).clamp(self.coef_min, self.coef_max)
+        move = error.abs() > self.tol
+        change = torch.sign(error) if self.kind == "adaptive" else error
+        if self.kind == "proportional_derivative":
+            ema = error if self.steps == 0 else 0.9 * self.ema[name] + 0.1 * error
+            self.ema[name] = ema
+            move &= error * (error - ema) > 0  # the error is still growing away from the target
+        return (coefs + self.lr * move.float() * change).clamp(self.coef_min, self.coef_max)
 
     def state_dict(self):
         return {"kind": self.kind, "steps": self.steps, "mean_coefs": self.mean_coefs.cpu(),

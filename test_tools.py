@@ -2,7 +2,6 @@
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 
@@ -41,22 +40,18 @@ def test_experiment_fineweb_dry_run_lists_the_papers_runs():
 
 
 def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
-    name = "results_toy_test"
-    try:
-        run("experiment.py", f"--results={name}", "--max_iters=4", "--eval_interval=4", "--eval_tokens=2048",
-            "--log_interval=2", "--n_embd=32", "--block_size=32", "--batch_size=4")
-        with open(os.path.join(HERE, f"{name}.csv")) as f:
-            rows = list(csv.DictReader(f))
-        assert [r["run"] for r in rows] == ["dense2", "dense4", "dense6", "gated6_t0.75", "gated6_t0.5", "gated6_t0.25"]
-        dense, gated = rows[:3], rows[3:]
-        assert [float(r["flops_per_token"]) for r in dense] == sorted(float(r["flops_per_token"]) for r in dense)
-        for r in gated:
-            assert float(r["decode_tok_s_skip"]) > 0 and float(r["decode_tok_s_no_skip"]) > 0
-            assert float(r["flops_per_token"]) <= float(r["flops_per_token_no_skip"])
-        with open(os.path.join(HERE, f"{name}.md")) as f:
-            assert f.read().startswith(f"Made by `python experiment.py --results={name} --max_iters=4")
-    finally:
-        shutil.rmtree(os.path.join(HERE, "out_experiment", name), ignore_errors=True)
-        for ext in ("csv", "md", "png"):
-            if os.path.exists(os.path.join(HERE, f"{name}.{ext}")):
-                os.remove(os.path.join(HERE, f"{name}.{ext}"))
+    from prepare import prepare
+    data = prepare("shakespeare_char", out_dir=str(tmp_path / "data"))
+    name = str(tmp_path / "toy")  # runs in toy/, results in toy.csv, toy.md: all under tmp
+    run("experiment.py", f"--results={name}", "--max_iters=4", "--eval_interval=4", "--eval_tokens=2048",
+        "--log_interval=2", "--n_embd=32", "--block_size=32", "--batch_size=4", f"--data_dir={data}")
+    with open(f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["dense2", "dense4", "dense6", "gated6_t0.75", "gated6_t0.5", "gated6_t0.25"]
+    dense, gated = rows[:3], rows[3:]
+    assert [float(r["flops_per_token"]) for r in dense] == sorted(float(r["flops_per_token"]) for r in dense)
+    for r in gated:
+        assert float(r["decode_tok_s_skip"]) > 0 and float(r["decode_tok_s_no_skip"]) > 0
+        assert float(r["flops_per_token"]) <= float(r["flops_per_token_no_skip"])
+    with open(f"{name}.md") as f:
+        assert f.read().startswith(f"Made by `python experiment.py --results={name} --max_iters=4")

@@ -21,8 +21,18 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_kv_head=2', '--n_embd=32', '--block_si
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
+@pytest.fixture(scope='module', autouse=True)
+def data_dir(tmp_path_factory):
+    """The bundled char dataset, prepared under tmp: runs read it through --data_dir."""
+    from prepare import prepare
+    global DATA
+    DATA = prepare('shakespeare_char', out_dir=str(tmp_path_factory.mktemp('data')))
+    return DATA
+
+
 def run(args, out_dir=None, nproc=0, ok=True):
-    cmd = [sys.executable, 'train.py', *args] + ([f'--out_dir={out_dir}'] if out_dir else [])
+    data = [] if any(a.startswith('--dataset=') for a in args) else [f'--data_dir={DATA}']
+    cmd = [sys.executable, 'train.py', *args, *data] + ([f'--out_dir={out_dir}'] if out_dir else [])
     if nproc:
         cmd[1:2] = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -52,7 +62,7 @@ def one_line_error(p, *needles):
 
 @pytest.fixture(scope='module')
 def tiny_ckpt(tmp_path_factory):
-    """A finished tiny run (also prepares data/shakespeare_char on first use)."""
+    """A finished tiny run."""
     out = str(tmp_path_factory.mktemp('tiny'))
     run(TINY + ['--max_iters=4', '--eval_interval=2'], out)
     return out
@@ -195,6 +205,24 @@ def test_dense_baseline_and_a_second_scratch_run(tmp_path):
     assert load(out)['model_args']['n_layer'] == 2 and len(records(out, 'start')) == 1
 
 
+def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
+    """Two scratch runs that fail before their first checkpoint leave the earlier run's
+    checkpoint and log in place; the next run that checkpoints moves them to .prev."""
+    out = str(tmp_path / 'used')
+    run(TINY + ['--max_iters=4', '--eval_interval=4'], out)
+    first_log = open(os.path.join(out, 'log.jsonl')).read()
+    for _ in range(2):  # diverges at once: fails long before its first checkpoint (step 200)
+        one_line_error(run(TINY + ['--max_iters=400', '--learning_rate=1e6'], out, ok=False),
+                       'non-finite loss', 'no checkpoint had been written yet')
+        assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+        assert load(out)['step'] == 4 and open(os.path.join(out, 'log.jsonl')).read() == first_log
+    p = run(TINY + ['--max_iters=2', '--eval_interval=2'], out)
+    assert 'ckpt.prev.pt' in p.stdout and load(out)['step'] == 2
+    assert torch.load(os.path.join(out, 'ckpt.prev.pt'))['step'] == 4
+    assert open(os.path.join(out, 'log.prev.jsonl')).read() == first_log
+    assert [r['type'] for r in records(out, 'start')] == ['start']  # the new log: this run only
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     out = str(tmp_path / 'nan')
     p = run(TINY + ['--max_iters=20', '--eval_interval=5', '--debug_nan_step=8'], out, ok=False)
@@ -208,7 +236,8 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 def test_sigterm_checkpoints_and_exits(tmp_path):
     out = str(tmp_path / 'term')
-    cmd = [sys.executable, 'train.py', *TINY, '--max_iters=100000', '--eval_interval=100000', f'--out_dir={out}']
+    cmd = [sys.executable, 'train.py', *TINY, '--max_iters=100000', '--eval_interval=100000', f'--out_dir={out}',
+           f'--data_dir={DATA}']
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
@@ -222,6 +251,16 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
     assert proc.returncode == 0, err
     step = load(out)['step']
     assert step >= 3 and f'saved {out}/ckpt.pt (step {step})' in rest
+
+
+def test_sampling_an_undertrained_checkpoint_prints_text(tiny_ckpt):
+    """After 4 steps the 48 padding ids (80 chars -> 128 logits) still carry real probability;
+    sampling must skip them rather than crash in the char decoder."""
+    p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tiny_ckpt}', '--max_new_tokens=300',
+                        '--num_samples=2', '--show_skips', '--no_color', '--temperature=2.0'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert 'layers run per new token' in p.stdout and len(p.stdout) > 600
 
 
 def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):

@@ -18,7 +18,8 @@ over micro-steps and ranks, and updates its coefficients identically on every ra
 
 Written to out_dir: ckpt.pt (atomically, at every evaluation, at the end, and on SIGTERM/Ctrl-C)
 and log.jsonl (one JSON record per log line and per evaluation). A scratch run in a used
-out_dir first moves the earlier ckpt.pt/log.jsonl to ckpt.prev.pt/log.prev.jsonl. A resumed run
+out_dir moves the earlier ckpt.pt/log.jsonl to ckpt.prev.pt/log.prev.jsonl when it writes its
+own first checkpoint, so a run that fails before that loses nothing. A resumed run
 (same settings) reproduces an uninterrupted one exactly on CPU. A non-finite loss stops the run
 without saving, so the last good checkpoint stays. Errors in settings or data: one line, exit 1.
 """
@@ -487,6 +488,7 @@ def main(argv):
     # -- model, optimizer, controller
     model_args = {k: c[k] for k in MODEL_KEYS}
     model_args['vocab_size'] = vocab
+    model_args['data_vocab_size'] = meta['vocab_size']  # ids above it are padding: never sampled
     ckpt_path = os.path.join(c['out_dir'], CKPT_NAME)
     ckpt = None
     if c['init_from'] == 'resume':
@@ -558,19 +560,17 @@ def main(argv):
         f"{c['max_iters']} steps; fwd FLOPs/token dense {fmt_flops(gpt.flops_per_token(0.0))}")
 
     os.makedirs(c['out_dir'], exist_ok=True)
-    if master and c['init_from'] == 'scratch' and not c['eval_only']:
-        # a new run in a used out_dir: keep the previous run's checkpoint and log one generation back
-        for name in (CKPT_NAME, LOG_NAME):
-            path = os.path.join(c['out_dir'], name)
-            if os.path.exists(path):
-                stem, ext = os.path.splitext(path)
-                os.replace(path, stem + '.prev' + ext)
-                print(f"note: {path} is from an earlier run; moved to {stem + '.prev' + ext} "
-                      f"(use --init_from=resume to continue a run)")
-    log_file = open(os.path.join(c['out_dir'], LOG_NAME), 'a') if master else None
+    # A scratch run in a used out_dir keeps the earlier run's checkpoint and log until it writes
+    # its own first checkpoint; only then are they moved to ckpt.prev.pt / log.prev.jsonl. A run
+    # that fails before that leaves out_dir as it found it (its log lines are printed anyway).
+    fresh = c['init_from'] == 'scratch' and not c['eval_only']
+    pending = [] if fresh and master else None  # log records held back until the first checkpoint
+    log_file = open(os.path.join(c['out_dir'], LOG_NAME), 'a') if master and not fresh else None
 
     def log(record):
-        if log_file is not None:
+        if pending is not None:
+            pending.append(record)
+        elif log_file is not None:
             log_file.write(json.dumps(record) + '\n')
             log_file.flush()
 
@@ -598,10 +598,8 @@ def main(argv):
             buf = np.stack([val_tokens[j * T:j * T + T + 1] for j in rows]).astype(np.int64)
             buf = torch.from_numpy(buf).to(device)
             x, y = buf[:, :-1], buf[:, 1:]
-            norms = []
-            with autocast:  # the uncompiled model: resid_norms is a side output compile would not keep
-                _, loss, gates = gpt(x, y, resid_norms=norms)
-            resid = torch.stack(norms)
+            with autocast:  # the uncompiled model: one eval pass needs no compilation
+                _, loss, gates, resid = gpt(x, y, resid_norms=True)
             n = x.numel()
             sums[0] += loss.float() * n
             sums[1] += n
@@ -623,8 +621,20 @@ def main(argv):
         return s[0], sum(layers['gate_zero']) / L, layers
 
     def save(val_loss):
+        nonlocal pending, log_file
         if not master:
             return
+        if pending is not None:  # this run's first checkpoint: now the earlier run moves aside
+            for name in (CKPT_NAME, LOG_NAME):
+                path = os.path.join(c['out_dir'], name)
+                if os.path.exists(path):
+                    stem, ext = os.path.splitext(path)
+                    os.replace(path, stem + '.prev' + ext)
+                    print(f"note: {path} was from an earlier run; moved to {stem + '.prev' + ext} "
+                          f"(use --init_from=resume to continue a run)")
+            log_file = open(os.path.join(c['out_dir'], LOG_NAME), 'w')
+            log_file.writelines(json.dumps(r) + '\n' for r in pending)
+            pending = None
         save_atomic({
             'model': gpt.state_dict(), 'optimizer': optimizer.state_dict(),
             'scaler': scaler.state_dict() if scaler.is_enabled() else None,
