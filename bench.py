@@ -1,13 +1,14 @@
 """
-Benchmarks, printed as tables you can paste into the README.
+Benchmarks, printed as tables you can paste into the README (device and date included).
 
-  python bench.py train    # forward+backward+step tokens/s, dense vs gated at the same size
-  python bench.py decode   # decode tokens/s: KV cache vs none, and skipping vs not skipping
+    python bench.py train    # a training step (forward, backward, AdamW): dense vs gated, same size
+    python bench.py decode   # decoding tokens/s: KV cache or not, skipped layers computed or not
 
-Options are --key=value (see the defaults below); e.g. on a GPU:
-  python bench.py train --n_layer=12 --n_embd=768 --n_head=12 --block_size=1024 --batch_size=16
+Settings are --key=value (below); e.g. the paper's size on a GPU:
+    python bench.py train --n_layer=12 --n_embd=768 --n_head=12 --n_kv_head=12 --block_size=1024 \\
+        --batch_size=16 --vocab_size=50304
 """
-
+import functools
 import platform
 import statistics
 import sys
@@ -15,193 +16,170 @@ import time
 
 import torch
 
+from configurator import configure, device_and_dtype
 from model import GPT, GateController, GPTConfig, KVCache
-from train import peak_flops  # the same peak table as train.py's MFU
 
-# defaults: the CPU target of the issue (n_layer=6, n_embd=384, T=256)
-settings = dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=6, block_size=256, batch_size=8,
-                vocab_size=512, steps=5, repeats=3, device="auto", compile="auto", dtype="auto",
-                context=512, new_tokens=32, skip_fraction=0.5, seed=0)
-
-
-def parse(argv):
-    mode = argv[0] if argv and not argv[0].startswith("--") else "train"
-    for arg in argv[1:] if argv and not argv[0].startswith("--") else argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in settings:
-            sys.exit(f"error: unknown option --{key}; options: {', '.join(settings)}")
-        settings[key] = type(settings[key])(value)
-    if mode not in ("train", "decode"):
-        sys.exit(f"error: unknown mode {mode!r}; use 'train' or 'decode'")
-    s = settings
-    if s["device"] == "auto":
-        s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if s["compile"] == "auto":
-        s["compile"] = "true" if s["device"] == "cuda" else "false"
-    if s["dtype"] == "auto":
-        s["dtype"] = "bfloat16" if s["device"] == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return mode
-
-
-def device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+MODES = ('train', 'decode')
+# settings
+n_layer = 6
+n_embd = 384
+n_head = 6
+n_kv_head = 6
+vocab_size = 512
+block_size = 256         # train: tokens per sequence
+batch_size = 8           # train: sequences per step
+steps = 5                # train: steps per timed repeat
+repeats = 5              # timed repeats; tables show the median
+context = 512            # decode: prompt tokens before the timed ones
+new_tokens = 32          # decode: tokens timed, one at a time
+skip_fraction = 0.5      # decode: share of the tokens whose gates close the middle layers
+device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'
+dtype = 'auto'           # train: 'auto' = bfloat16 on GPUs that have it, else float32
+compile = 'auto'         # train: torch.compile, 'auto' = on for CUDA only, 'true', 'false'
+seed = 0
+# end of settings
+configure(globals(), [a for a in sys.argv[1:] if a not in MODES])
+mode = next((a for a in sys.argv[1:] if a in MODES), 'train')
 
 
 def sync(device):
-    if device == "cuda":
+    if device.type == 'cuda':
         torch.cuda.synchronize()
 
 
-def make_model(gated, **overrides):
-    s = settings
-    cfg = GPTConfig(vocab_size=s["vocab_size"], block_size=max(s["block_size"], s["context"] + s["new_tokens"]),
-                    n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_kv_head"], n_embd=s["n_embd"], gated=gated)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    torch.manual_seed(s["seed"])
-    return GPT(cfg).to(s["device"])
+def stamp(device):
+    """What ran the benchmark, and when, for the table's heading."""
+    name = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
+            f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    return f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
 
 
-def bench_train():
-    s, device = settings, settings["device"]
-    dtype = getattr(torch, s["dtype"])
-    B, T = s["batch_size"], s["block_size"]
-    results = {}
-    runs = {}
-    for gated in (False, True):
-        model = make_model(gated)
-        opt = model.configure_optimizer(1e-3, (0.8, 0.95), 0.0, device)
-        ctrl = GateController("proportional", s["n_layer"], device=device) if gated else None
-        step_model = torch.compile(model) if s["compile"] == "true" else model
-        x = torch.randint(0, s["vocab_size"], (B, T), device=device)
-
-        def step():
-            with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-                _, loss, gates = step_model(x, x)
-                if gates is not None:
-                    loss = loss + ctrl.loss(gates)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):  # warm up (and compile)
-            step()
-        runs[gated] = (step, model)
-        results[gated] = []
-    for _ in range(s["repeats"]):  # interleave dense and gated so drifts hit both alike
-        for gated, (step, _) in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(s["steps"]):
-                step()
-            sync(device)
-            results[gated].append((time.perf_counter() - t0) / s["steps"])
-    print(f"# bench.py train on {device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"# n_layer={s['n_layer']} n_embd={s['n_embd']} T={T} B={B} vocab={s['vocab_size']} "
-          f"dtype={s['dtype']} compile={s['compile']} attention: {runs[True][1].attn_backend(torch.device(device))} (gated)")
-    print("| model | ms/step (median) | tokens/s |" + (" MFU |" if device == "cuda" else ""))
-    print("|---|---|---|" + ("---|" if device == "cuda" else ""))
-    for gated in (False, True):
-        t = statistics.median(results[gated])
-        line = f"| {'gated' if gated else 'dense'} | {1e3 * t:.1f} | {B * T / t:,.0f} |"
-        if device == "cuda":
-            flops = 3 * runs[gated][1].flops_per_token(0.0, T) * B * T / t
-            peak = peak_flops("cuda")
-            line += f" {100 * flops / peak:.1f}% |" if peak else " n/a |"
-        print(line)
-    print(f"gated/dense step-time ratio: {statistics.median(results[True]) / statistics.median(results[False]):.3f}")
+def make_model(model_args, gated, seq_len, device, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**model_args, block_size=seq_len, gated=gated)).to(device)
 
 
-def half_skipping_model():
-    """A gated model in which about `skip_fraction` of tokens skip every middle layer: the
-    gate head of layer 1 reads one embedding feature that is large for those tokens."""
-    s = settings
-    model = make_model(True).eval()
-    n_skip = int(s["skip_fraction"] * s["vocab_size"])
+def skipping_model(model_args, seq_len, skip_fraction, device, seed=0):
+    """A gated model in which the tokens with ids below skip_fraction * vocab_size skip layers
+    1 .. L-2: embedding feature 0 is +1 for them and -1 for the others, and gate head 1 reads
+    it with weight 100, so their gate there is exactly 0 (all other gates are 1)."""
+    model = make_model(model_args, True, seq_len, device, seed).eval()
     with torch.no_grad():
         for head in model.gate_heads:
             head.weight.zero_()
             head.bias.zero_()
         model.tok_emb.weight[:, 0] = -1.0
-        model.tok_emb.weight[:n_skip, 0] = 1.0
-        model.gate_heads[1].weight[0, 0] = 100.0  # g = 0 on layers 1 .. L-2 for those tokens
+        model.tok_emb.weight[:int(skip_fraction * model_args['vocab_size']), 0] = 1.0
+        model.gate_heads[1].weight[0, 0] = 100.0
     return model
 
 
-def median_time(fn, device):
-    times = []
-    for _ in range(settings["repeats"]):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def seconds(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median_seconds(fn, repeats, device):
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
+
+
+def train_step(model, optimizer, ctrl, x, dtype):
+    with torch.autocast(x.device.type, dtype=getattr(torch, dtype), enabled=dtype != 'float32'):
+        _, loss, gates = model(x, x)
+        if ctrl is not None:
+            loss = loss + ctrl.loss(gates)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_train(model_args, B, T, steps, repeats, device, dtype, use_compile, seed=0):
+    """Median ms per training step of a dense and a gated model of the same size."""
+    x = torch.randint(0, model_args['vocab_size'], (B, T), device=device)
+    runs = {}
+    for name in ('dense', 'gated'):
+        model = make_model(model_args, name == 'gated', T, device, seed)
+        optimizer = model.configure_optimizer(1e-3, (0.8, 0.95), 0.0, device.type)
+        ctrl = GateController('proportional', model_args['n_layer'], device=device) if name == 'gated' else None
+        step_model = torch.compile(model) if use_compile else model
+        step = functools.partial(train_step, step_model, optimizer, ctrl, x, dtype)
+        for _ in range(3):  # warm up (and compile)
+            step()
+        runs[name] = (model, step, [])
+    for _ in range(repeats):  # interleaved, so slow drifts of the machine hit both alike
+        for model, step, times in runs.values():
+            times.append(seconds(lambda: [step() for _ in range(steps)], device) / steps)
+    print(f"# bench.py train on {stamp(device)}")
+    print(f"# n_layer={model_args['n_layer']} n_embd={model_args['n_embd']} T={T} B={B} "
+          f"vocab={model_args['vocab_size']} dtype={dtype} compile={use_compile}, "
+          f"gated attention: {runs['gated'][0].attn_backend(device)}")
+    print("| model | ms/step (median) | tokens/s | MFU |\n|---|---|---|---|")
+    for name, (model, step, times) in runs.items():
+        step_s = statistics.median(times)
+        mfu = model.mfu(B * T / step_s, device, seq_len=T)
+        print(f"| {name} | {1e3 * step_s:.1f} | {B * T / step_s:,.0f} | "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} |")
+    ratio = statistics.median(g / d for g, d in zip(runs['gated'][2], runs['dense'][2]))
+    print(f"gated/dense step-time ratio (median of the per-repeat ratios): {ratio:.3f}")
 
 
 @torch.no_grad()
-def decode_rate(model, prompt, tokens, cache=True, skip=True):
-    """Tokens/s of decoding `tokens` (B=1, teacher-forced so every variant does the same
-    work) after `prompt`; the prompt's prefill is not timed."""
-    device = settings["device"]
-
-    def run():
-        if not cache:
-            for t in range(tokens.size(1)):
-                model(torch.cat([prompt, tokens[:, :t + 1]], dim=1))
-            return
-        for t in range(tokens.size(1)):
-            model.decode_one(tokens[:, t:t + 1], kv, skip)
-
-    if cache:
-        kv = None
-
-        def fresh_then_run():
-            nonlocal kv
-            kv = KVCache(model, 1, prompt.size(1) + tokens.size(1), prompt.device)
-            model.prefill(prompt, kv)
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            return time.perf_counter() - t0
-
-        return tokens.size(1) / statistics.median(fresh_then_run() for _ in range(settings["repeats"]))
-    return tokens.size(1) / median_time(run, device)
+def decode_seconds(model, prompt, tokens, cache=True, skip=True):
+    """Seconds to decode `tokens` (1, n) one at a time after `prompt` (1, T), teacher-forced so
+    every variant does the same work; with a cache, the prompt's prefill is not timed."""
+    n = tokens.size(1)
+    if not cache:  # recompute the whole context for every new token
+        return seconds(lambda: [model(torch.cat([prompt, tokens[:, :t + 1]], dim=1)) for t in range(n)],
+                       prompt.device)
+    kv = KVCache(model, 1, prompt.size(1) + n, prompt.device)
+    model.prefill(prompt, kv)
+    return seconds(lambda: [model.decode_one(tokens[:, t:t + 1], kv, skip) for t in range(n)],
+                   prompt.device)
 
 
-def bench_decode():
-    s, device = settings, settings["device"]
-    n, ctx, L = s["new_tokens"], s["context"], s["n_layer"]
-    print(f"# bench.py decode on {device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"# n_layer={L} n_embd={s['n_embd']} vocab={s['vocab_size']} batch 1, fp32, "
-          f"{n} tokens decoded after a {ctx}-token prompt (prefill not timed)")
-    model = half_skipping_model()
-    gen = torch.Generator(device=device).manual_seed(s["seed"])
-    seq = torch.randint(0, s["vocab_size"], (1, ctx + n), device=device, generator=gen)
-    prompt, tokens = seq[:, :ctx], seq[:, ctx:]
-    _, _, gates = model(seq)
-    decoded = gates[:, 0, ctx:]
+def bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device, seed=0):
+    """Decode tokens/s without a cache, with one, and with one and skipping; the variants take
+    turns in every repeat, and speed-ups are medians of the per-repeat ratios."""
+    L = model_args['n_layer']
+    model = skipping_model(model_args, context + new_tokens, skip_fraction, device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    seq = torch.randint(0, model_args['vocab_size'], (1, context + new_tokens), device=device,
+                        generator=gen)
+    prompt, tokens = seq[:, :context], seq[:, context:]
+    with torch.no_grad():
+        decoded = model(seq)[2][:, 0, context:]  # the gates of the timed tokens
     layers_run = (decoded > 0).float().sum(0).mean().item()
     middle_zero = (decoded[1:L - 1] == 0).float().mean().item()
-
-    uncached = decode_rate(model, prompt, tokens, cache=False, skip=False)
-    no_skip = decode_rate(model, prompt, tokens, cache=True, skip=False)
-    with_skip = decode_rate(model, prompt, tokens, cache=True, skip=True)
-    ideal = L / layers_run
-    print(f"# gated model with {100 * middle_zero:.0f}% of (decoded token, middle layer) gates at 0: "
+    variants = {'uncached': dict(cache=False), 'every_layer': dict(skip=False), 'skipping': dict()}
+    times = {name: [] for name in variants}
+    decode_seconds(model, prompt, tokens, skip=True)  # warm up
+    for _ in range(repeats):
+        for name, kw in variants.items():
+            times[name].append(decode_seconds(model, prompt, tokens, **kw))
+    rate = {name: new_tokens / statistics.median(t) for name, t in times.items()}
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+    ideal, speedup = L / layers_run, ratio('every_layer', 'skipping')
+    print(f"# bench.py decode on {stamp(device)}")
+    print(f"# n_layer={L} n_embd={model_args['n_embd']} vocab={model_args['vocab_size']}, batch 1, "
+          f"float32, {new_tokens} tokens decoded after a {context}-token prompt (prefill not timed)")
+    print(f"# {100 * middle_zero:.0f}% of (decoded token, middle layer) gates are 0: "
           f"{layers_run:.2f} of {L} layers run per token on average")
-    print("| decoding | tokens/s |")
-    print("|---|---|")
-    print(f"| full forward per token, no cache | {uncached:,.1f} |")
-    print(f"| KV cache, every layer computed (skip=False) | {no_skip:,.1f} |")
-    print(f"| KV cache, skipped layers not computed (skip=True) | {with_skip:,.1f} |")
-    print(f"KV cache speed-up: {no_skip / uncached:.1f}x")
-    print(f"skipping speed-up: {with_skip / no_skip:.2f}x measured vs {ideal:.2f}x ideal from the layers "
-          f"skipped = {100 * with_skip / no_skip / ideal:.0f}% of the ideal")
+    print("| decoding | tokens/s |\n|---|---|")
+    print(f"| full forward per token, no cache | {rate['uncached']:,.1f} |")
+    print(f"| KV cache, every layer computed (skip=False) | {rate['every_layer']:,.1f} |")
+    print(f"| KV cache, skipped layers not computed (skip=True) | {rate['skipping']:,.1f} |")
+    print(f"KV cache speed-up: {ratio('uncached', 'every_layer'):.1f}x")
+    print(f"skipping speed-up: {speedup:.2f}x measured vs {ideal:.2f}x ideal from the layers skipped "
+          f"= {100 * (speedup - 1) / (ideal - 1):.0f}% of the ideal saving")
 
 
-if __name__ == "__main__":
-    mode = parse(sys.argv[1:])
-    torch.manual_seed(settings["seed"])
-    bench_train() if mode == "train" else bench_decode()
+device, dtype = device_and_dtype(device, dtype)
+model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+if mode == 'train':
+    use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
+    bench_train(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile, seed)
+else:
+    bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device, seed)

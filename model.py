@@ -19,6 +19,7 @@ adds nothing to it and no other token may attend to its key there.
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ try:  # FlexAttention fuses the key-indexed gate bias into the attention kernel 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     flex_attention = None
+
+
+class ConfigError(ValueError):
+    """A GPTConfig or GateController setting that cannot work; the message names it."""
 
 
 @dataclass
@@ -50,32 +55,26 @@ class GPTConfig:
     # stay dense forever. Offered for experiments on a dense starting point, not for training.
     gate_init: str = "normal"
     gate_eps: float = 1e-6  # attention key bias is log(max(g, gate_eps))
-    attn_backend: str = "auto"  # "auto" (FlexAttention on CUDA when gated, else SDPA), "sdpa", "flex"
+    attn_backend: str = "auto"  # "auto" (FlexAttention on CUDA when gated), "sdpa", "flex"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            self._need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        self._need(0 <= self.data_vocab_size <= self.vocab_size, "data_vocab_size",
-                   f"must be in [0, vocab_size={self.vocab_size}], got {self.data_vocab_size}")
-        self._need(self.n_embd % self.n_head == 0, "n_embd",
-                   f"{self.n_embd} is not divisible by n_head={self.n_head}")
-        self._need(self.n_head % self.n_kv_head == 0, "n_kv_head",
-                   f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        self._need((self.n_embd // self.n_head) % 2 == 0, "n_head",
-                   f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for rotary")
-        self._need(not self.gated or self.n_layer % 2 == 0, "n_layer",
-                   f"must be even for a gated model (gates are mirrored), got {self.n_layer}")
-        self._need(self.gate_init in ("normal", "zero"), "gate_init",
-                   f"must be 'normal' or 'zero', got {self.gate_init!r}")
-        self._need(self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend",
-                   f"must be 'auto', 'sdpa' or 'flex', got {self.attn_backend!r}")
-        self._need(self.attn_backend != "flex" or flex_attention is not None, "attn_backend",
-                   "'flex' needs FlexAttention (torch >= 2.6)")
-        self._need(self.gate_eps > 0, "gate_eps", f"must be positive, got {self.gate_eps}")
+            self._need(name, getattr(self, name) > 0, "must be positive")
+        self._need("data_vocab_size", 0 <= self.data_vocab_size <= self.vocab_size,
+                   f"must be in [0, vocab_size={self.vocab_size}]")
+        self._need("n_embd", self.n_embd % self.n_head == 0, f"must divide by n_head={self.n_head}")
+        self._need("n_kv_head", self.n_head % self.n_kv_head == 0, f"must divide n_head={self.n_head}")
+        self._need("n_head", self.n_embd // self.n_head % 2 == 0,
+                   f"must leave an even head dim n_embd/n_head for rotary (n_embd={self.n_embd})")
+        self._need("n_layer", not self.gated or self.n_layer % 2 == 0, "must be even when gated")
+        self._need("gate_init", self.gate_init in ("normal", "zero"), "must be 'normal' or 'zero'")
+        self._need("attn_backend", self.attn_backend in ("auto", "sdpa", "flex") and (
+            self.attn_backend != "flex" or flex_attention), "must be auto, sdpa or flex (torch >= 2.6)")
+        self._need("gate_eps", self.gate_eps > 0, "must be positive")
 
-    def _need(self, ok, field, msg):
+    def _need(self, field, ok, rule):
         if not ok:
-            raise ValueError(f"GPTConfig.{field}: {msg}")
+            raise ConfigError(f"GPTConfig.{field} {rule}, got {getattr(self, field)!r}")
 
 
 class RMSNorm(nn.Module):
@@ -186,8 +185,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.attn_pre, self.attn_post = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.ffn_pre, self.ffn_post = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
+        d, eps = cfg.n_embd, cfg.norm_eps
+        self.attn_pre, self.attn_post = RMSNorm(d, eps), RMSNorm(d, eps)
+        self.ffn_pre, self.ffn_post = RMSNorm(d, eps), RMSNorm(d, eps)
         self.attn = Attention(cfg)
         self.ffn = SwiGLU(cfg)
 
@@ -203,6 +203,17 @@ class Block(nn.Module):
         x = x + (a if g is None else (g * a).type_as(x))  # the stream keeps its dtype
         f = self.ffn_post(self.ffn(self.ffn_pre(x)))
         return x + (f if g is None else (g * f).type_as(x))
+
+
+# Dense bf16 tensor-core peak FLOP/s by a substring of the GPU's name, most specific first
+# (fp16 peak for cards without bf16), for GPT.mfu.
+PEAK_FLOPS = [
+    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+    ("H100", 989e12), ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX A6000", 155e12), ("RTX 6000 Ada", 364e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
 
 
 class GPT(nn.Module):
@@ -308,6 +319,13 @@ class GPT(nn.Module):
                  + 4 * norm + 4 * d)        # four norms, two gate products and residual adds
         gate_heads = (c.n_layer // 2) * (2 * d + 4) if c.gated else 0  # dot, bias, relu, sum, clamp
         return norm + gate_heads + (1.0 - sparsity) * c.n_layer * block + norm + 2 * d * V
+
+    def mfu(self, tokens_per_sec, device, sparsity=0.0, seq_len=None):
+        """Model FLOPs utilization of training at tokens_per_sec: 3x the forward FLOPs (forward
+        + backward) over the GPU's peak dense bf16 FLOP/s. None where the peak is not known."""
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        peak = next((flops for key, flops in PEAK_FLOPS if name and key in name), None)
+        return 3 * self.flops_per_token(sparsity, seq_len) * tokens_per_sec / peak if peak else None
 
     def configure_optimizer(self, learning_rate, betas, weight_decay, device_type, eps=1e-8):
         """AdamW; weight decay only on matrices (not norms or biases); fused kernel on CUDA."""
@@ -452,7 +470,8 @@ def gate_moments(gates):
     return g.mean((1, 2)), g.var((1, 2))
 
 
-CONTROLLERS = ("sparsity", "sparsity_variance", "adaptive", "proportional", "proportional_derivative")
+CONTROLLERS = ("sparsity", "sparsity_variance", "adaptive", "proportional",
+               "proportional_derivative")
 
 
 class GateController:
@@ -475,24 +494,22 @@ class GateController:
                  var_target_delta=0.0, lr=None, tol=0.01, coef_min=-math.inf, coef_max=math.inf,
                  device="cpu"):
         lr = (1e-2 if kind == "proportional_derivative" else 1e-3) if lr is None else lr
-        for ok, msg in ((kind in CONTROLLERS, f"kind must be one of {', '.join(CONTROLLERS)}; "
-                                              f"got {kind!r}"),
-                        (n_layer > 0 and n_layer % 2 == 0, f"n_layer must be even, got {n_layer}"),
-                        (0 <= target_start <= 1 and 0 <= target_end <= 1,
-                         f"targets must be in [0, 1], got {target_start} and {target_end}"),
-                        (lr >= 0 and tol >= 0, f"lr and tol must be >= 0, got {lr} and {tol}"),
-                        (coef_min <= coef_max, f"coef_min {coef_min} is above coef_max {coef_max}")):
-            if not ok:
-                raise ValueError(f"controller {msg}")
-        self.kind, self.lr, self.tol, self.coef_min, self.coef_max = kind, lr, tol, coef_min, coef_max
+        if kind not in CONTROLLERS:
+            raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}; got {kind!r}")
+        if not (0 <= target_start <= 1 and 0 <= target_end <= 1 and lr >= 0 and tol >= 0):
+            raise ConfigError(f"controller targets must be in [0, 1] and lr, tol >= 0; got "
+                              f"{target_start}, {target_end}, lr={lr}, tol={tol}")
+        self.kind, self.lr, self.tol = kind, lr, tol
+        self.coef_min, self.coef_max = coef_min, coef_max
         half = torch.linspace(target_start, target_end, n_layer // 2, device=device)
         self.mean_targets = torch.cat([half, half.flip(0)])
-        self.var_targets = (self.mean_targets * (1 - self.mean_targets) + var_target_delta).clamp_min(0)
+        t = self.mean_targets
+        self.var_targets = (t * (1 - t) + var_target_delta).clamp_min(0)
         fixed = kind in ("sparsity", "sparsity_variance")
         self.mean_coefs = torch.full((n_layer,), coef if fixed else 0.0, device=device)
         self.var_coefs = torch.full((n_layer,), var_coef if kind == "sparsity_variance" else 0.0,
                                     device=device)
-        self.ema = {"mean": torch.zeros(n_layer, device=device), "var": torch.zeros(n_layer, device=device)}
+        self.ema = {name: torch.zeros(n_layer, device=device) for name in ("mean", "var")}
         self.steps = 0
 
     def loss(self, gates):
@@ -504,8 +521,10 @@ class GateController:
         across ranks, so every rank takes the same step)."""
         if self.kind in ("sparsity", "sparsity_variance"):
             return
-        self.mean_coefs = self._step(self.mean_coefs, means.to(self.mean_coefs) - self.mean_targets, "mean")
-        self.var_coefs = self._step(self.var_coefs, variances.to(self.var_coefs) - self.var_targets, "var")
+        mean_error = means.to(self.mean_coefs) - self.mean_targets
+        var_error = variances.to(self.var_coefs) - self.var_targets
+        self.mean_coefs = self._step(self.mean_coefs, mean_error, "mean")
+        self.var_coefs = self._step(self.var_coefs, var_error, "var")
         self.steps += 1
 
     def _step(self, coefs, error, name):
@@ -523,8 +542,70 @@ class GateController:
 
     def load_state_dict(self, state):
         if state["kind"] != self.kind:
-            raise ValueError(f"checkpoint controller is {state['kind']!r}, config asks for {self.kind!r}")
+            raise ConfigError(f"the checkpoint's controller is {state['kind']!r}, this run asks "
+                              f"for {self.kind!r}; pass --controller={state['kind']} or use another "
+                              f"out_dir")
         device = self.mean_coefs.device
         self.steps = state["steps"]
-        self.mean_coefs, self.var_coefs = state["mean_coefs"].to(device), state["var_coefs"].to(device)
+        self.mean_coefs = state["mean_coefs"].to(device)
+        self.var_coefs = state["var_coefs"].to(device)
         self.ema = {k: v.to(device) for k, v in state["ema"].items()}
+
+
+# -------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or made with other settings (one line)."""
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temp file beside path, fsync, then rename: a crash at any moment leaves
+    either the old checkpoint or the new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def rng_state():
+    """The state of the random number generators training uses, for exact resumes."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path, device="cpu", model_args=None):
+    """(model, checkpoint dict) from a file train.py wrote; no code from the file runs. With
+    model_args (this run's), first check the checkpoint was made with the same ones."""
+    where = os.path.dirname(path) or "."
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one with "
+                              f"`python train.py --out_dir={where}`")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        saved_args = ckpt["model_args"]
+    except Exception as e:  # truncated file, unpickling error, not a dict, ...
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a usable train.py checkpoint ({first_line}); "
+                              f"train again or pick another out_dir") from None
+    for k, new in (model_args or {}).items():
+        old = saved_args.get(k)
+        if old != new:
+            fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
+            raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
+                                  f"{k}={new!r}; {fix} or use another out_dir")
+    model = GPT(GPTConfig(**saved_args))
+    # torch.compile and DDP save parameters under _orig_mod. and module. prefixes
+    state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit its model_args "
+                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+    return model.to(device), ckpt

@@ -12,7 +12,8 @@ Output (default data/NAME/): {name}_train_000000.bin ..., {name}_val_000000.bin 
 Shard format (modded-nanogpt's): 256 x int32 header (magic 20240520, version 1, token count),
 then the tokens as uint16. The split is deterministic: val is the last --val_fraction of the
 file's bytes, starting at the first line break at or after that point (TinyStories and FineWeb
-ship their own val files and use those). train.py reads data through the functions here.
+ship their own val files and use those). train.py reads data through the functions here
+(read_shard, TokenStream, first_tokens).
 """
 import argparse, glob, json, os, sys, time
 import numpy as np
@@ -22,8 +23,10 @@ HEADER_INTS = 256
 MAGIC = 20240520
 VERSION = 1
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'shakespeare.txt')
-TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-TINYSTORIES_URL = 'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt'
+TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                        'tinyshakespeare/input.txt')
+TINYSTORIES_URL = ('https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/'
+                   'TinyStoriesV2-GPT4-{}.txt')
 FINEWEB_URL = 'https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/{}'
 SOURCES = ('shakespeare_char', 'shakespeare', 'tinystories', 'fineweb10B', 'text')
 OFFLINE_HINT = '`python prepare.py text --input FILE` works offline'
@@ -42,8 +45,10 @@ def _header(n):
 def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise DataError(f"{path}: token ids must fit in uint16 (0..65535), got {tokens.min()}..{tokens.max()}")
-    with open(path + '.tmp', 'wb') as f:  # write aside and rename, so a crash never leaves half a shard
+        raise DataError(f"{path}: token ids must fit in uint16 (0..65535), "
+                        f"got {tokens.min()}..{tokens.max()}")
+    # write aside and rename, so a crash never leaves half a shard
+    with open(path + '.tmp', 'wb') as f:
         f.write(_header(len(tokens)))
         f.write(tokens.astype(np.uint16).tobytes())
     os.replace(path + '.tmp', path)
@@ -68,20 +73,25 @@ def read_shard(path, vocab_size=None):
         raise DataError(f"{path}: shard not found; {fix}")
     size = os.path.getsize(path)
     if size < HEADER_INTS * 4:
-        raise DataError(f"{path}: truncated shard ({size} bytes, shorter than its {HEADER_INTS * 4}-byte header); {fix}")
+        raise DataError(f"{path}: truncated shard ({size} bytes, shorter than its "
+                        f"{HEADER_INTS * 4}-byte header); {fix}")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise DataError(f"{path}: not a token shard (magic number {header[0]}, expected {MAGIC}); {fix}")
+        raise DataError(f"{path}: not a token shard (magic number {header[0]}, "
+                        f"expected {MAGIC}); {fix}")
     if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {VERSION}); {fix}")
+        raise DataError(f"{path}: unsupported shard version {header[1]} "
+                        f"(expected {VERSION}); {fix}")
     n, have = int(header[2]), (size - HEADER_INTS * 4) // 2
     if n != have or size % 2:
-        raise DataError(f"{path}: truncated or corrupt shard (header says {n} tokens, file holds {have}); {fix}")
+        raise DataError(f"{path}: truncated or corrupt shard (header says {n} tokens, "
+                        f"file holds {have}); {fix}")
     if n == 0:
         return np.zeros(0, dtype=np.uint16)  # numpy cannot memmap zero bytes
     tokens = np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_INTS * 4, shape=(n,))
     if vocab_size is not None and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size} (shard does not match meta.json); {fix}")
+        raise DataError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size} "
+                        f"(shard does not match meta.json); {fix}")
     return tokens
 
 def load_meta(data_dir):
@@ -92,7 +102,8 @@ def load_meta(data_dir):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path}: not found (preparation never finished?); run `{_rerun(data_dir)}`") from None
+        raise DataError(f"{path}: not found (preparation never finished?); "
+                        f"run `{_rerun(data_dir)}`") from None
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); run `{_rerun(data_dir)}`") from None
 
@@ -101,12 +112,70 @@ def shard_paths(data_dir, split):
         raise DataError(f"{data_dir}: no such data directory; run `{_rerun(data_dir)}`")
     paths = sorted(glob.glob(os.path.join(data_dir, f'*_{split}_*.bin')))
     if not paths:
-        raise DataError(f"{data_dir}: no {split} shards (*_{split}_*.bin); run `{_rerun(data_dir)}`")
+        raise DataError(f"{data_dir}: no {split} shards (*_{split}_*.bin); "
+                        f"run `{_rerun(data_dir)}`")
     return paths
+
+class TokenStream:
+    """Sequential, deterministic batches from the concatenated train shards (memory-mapped).
+    A global micro-step takes world*B*T + 1 consecutive tokens; rank r uses its own slice
+    [r*B*T, (r+1)*B*T + 1) of them. A window that would cross a shard's end starts the next
+    shard instead; after the last shard the stream starts over (epoch + 1). The position
+    (shard, pos, epoch) is global, so a run resumes under any world size."""
+    def __init__(self, paths, B, T, rank, world, vocab_size):
+        self.paths, self.shards = paths, [read_shard(p) for p in paths]
+        self.B, self.T, self.rank, self.world, self.vocab_size = B, T, rank, world, vocab_size
+        need = world * B * T + 1
+        for p, s in zip(paths, self.shards):
+            if len(s) < need:
+                raise DataError(f"{p}: {len(s)} tokens, fewer than one micro-step needs "
+                                f"(world_size*batch_size*block_size+1 = {need}); "
+                                f"lower batch_size or block_size")
+        self.shard, self.pos, self.epoch = 0, 0, 0
+
+    def next(self):
+        """Inputs and targets (B, T) as int64 numpy arrays."""
+        span = self.world * self.B * self.T
+        if self.pos + span + 1 > len(self.shards[self.shard]):
+            self.shard, self.pos = self.shard + 1, 0
+            if self.shard == len(self.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+        start = self.pos + self.rank * self.B * self.T
+        window = self.shards[self.shard][start:start + self.B * self.T + 1]
+        if window.max() >= self.vocab_size:  # per window: a full scan of 10B tokens takes minutes
+            raise DataError(f"{self.paths[self.shard]}: token id {int(window.max())} "
+                            f"near offset {start} is not below the vocab_size {self.vocab_size} "
+                            f"of meta.json; prepare it again")
+        buf = window.astype(np.int64)
+        self.pos += span
+        return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
+
+    def state_dict(self):
+        return {'shard': self.shard, 'pos': self.pos, 'epoch': self.epoch,
+                'shard_path': os.path.basename(self.paths[self.shard])}
+
+    def load_state_dict(self, s):
+        names = [os.path.basename(p) for p in self.paths]
+        if s['shard'] >= len(names) or s['shard_path'] != names[s['shard']]:
+            raise DataError(f"the checkpoint's data position is in train shard {s['shard_path']}, "
+                            f"which is not shard {s['shard']} of this data "
+                            f"({len(names)} train shards); the data changed")
+        self.shard, self.pos, self.epoch = s['shard'], s['pos'], s['epoch']
+
+def first_tokens(paths, n, vocab_size):
+    """The first n tokens of the shards in paths (fewer if they hold fewer), as one array."""
+    parts, have = [], 0
+    for p in paths:
+        parts.append(np.array(read_shard(p, vocab_size)[:n - have]))
+        have += len(parts[-1])
+        if have >= n:
+            break
+    return np.concatenate(parts)
 
 class _ShardWriter:
     """Appends tokens to {name}_{split}_000000.bin, _000001.bin, ... each at most shard_tokens long.
-    Each shard is written as .tmp and renamed once complete (the header count is patched in then)."""
+    Each shard is written as .tmp and renamed once complete
+    (the header count is patched in then)."""
     def __init__(self, out_dir, name, split, shard_tokens):
         self.base, self.shard_tokens = os.path.join(out_dir, f'{name}_{split}_'), shard_tokens
         self.f, self.count, self.total, self.paths = None, 0, 0, []
@@ -145,8 +214,9 @@ def _gpt2():
         import tiktoken
         return tiktoken.get_encoding('gpt2')
     except Exception as e:  # first use downloads the BPE files; offline that fails deep in tiktoken
-        raise DataError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}; it downloads its files on "
-                        f"first use); offline, use the char tokenizer: `python prepare.py shakespeare_char` "
+        raise DataError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}; "
+                        f"it downloads its files on first use); offline, use the char tokenizer: "
+                        f"`python prepare.py shakespeare_char` "
                         f"or --tokenizer char") from None
 
 def _char_encoder(chars, where):
@@ -157,8 +227,9 @@ def _char_encoder(chars, where):
         ids = np.searchsorted(table, cps).astype(np.uint16)
         bad = table[np.minimum(ids, len(table) - 1)] != cps
         if bad.any():
-            raise DataError(f"character {chr(cps[bad.argmax()])!r} is not in the {len(chars)}-char vocabulary of "
-                            f"{where}; use only characters from its training text, or prepare with --tokenizer gpt2")
+            raise DataError(f"character {chr(cps[bad.argmax()])!r} is not in the "
+                            f"{len(chars)}-char vocabulary of {where}; use only characters "
+                            f"from its training text, or prepare with --tokenizer gpt2")
         return ids
     return encode
 
@@ -167,7 +238,8 @@ def _array_encoder(meta):
         return _char_encoder(meta['chars'], meta.get('source', 'this dataset'))
     if meta['tokenizer'] == 'gpt2':
         enc = _gpt2()  # <|endoftext|> in the text is the real separator token (TinyStories uses it)
-        return lambda text: np.array(enc.encode(text, allowed_special={'<|endoftext|>'}), dtype=np.uint16)
+        return lambda text: np.array(enc.encode(text, allowed_special={'<|endoftext|>'}),
+                                     dtype=np.uint16)
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (expected char or gpt2)")
 
 def get_tokenizer(meta):
@@ -220,16 +292,19 @@ def _decode(b, where, offset):
     try:
         return b.decode('utf-8')
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (bad byte at offset {offset + e.start}); convert it to UTF-8 first") from None
+        raise DataError(f"{where}: not UTF-8 text (bad byte at offset {offset + e.start}); "
+                        f"convert it to UTF-8 first") from None
 
 def _text_chunks(blocks, where, chunk_bytes):
-    """Re-cut byte blocks after their last line break, so no character, word or <|endoftext|> is split
-    (GPT-2 never merges a newline into the next word). Memory stays ~chunk_bytes whatever the file size."""
+    """Re-cut byte blocks after their last line break, so no character, word or <|endoftext|>
+    is split (GPT-2 never merges a newline into the next word). Memory stays ~chunk_bytes
+    whatever the file size."""
     buf, offset = b'', 0
     for block in blocks:
         buf += block
         cut = buf.rfind(b'\n') + 1
-        if cut == 0 and len(buf) > 4 * chunk_bytes:  # a very long line: cut before a UTF-8 lead byte
+        # a very long line: cut before a UTF-8 lead byte
+        if cut == 0 and len(buf) > 4 * chunk_bytes:
             cut = len(buf) - 1
             while cut > 0 and buf[cut] & 0xC0 == 0x80:
                 cut -= 1
@@ -241,7 +316,8 @@ def _text_chunks(blocks, where, chunk_bytes):
         yield _decode(buf, where, offset)
 
 def _split_point(path, val_fraction):
-    """Byte offset where val starts: the first line start at or after (1 - val_fraction) of the file."""
+    """Byte offset where val starts: the first line start at or after (1 - val_fraction)
+    of the file."""
     size = os.path.getsize(path)
     target = int(size * (1 - val_fraction))
     split = size
@@ -255,7 +331,8 @@ def _split_point(path, val_fraction):
                 split = f.tell() - len(block) + block.index(b'\n') + 1
                 break
     if not 0 < split < size:
-        raise DataError(f"{path}: too small to cut the last {val_fraction:.0%} off at a line break for validation "
+        raise DataError(f"{path}: too small to cut the last {val_fraction:.0%} off at a line break "
+                        f"for validation "
                         f"({size} bytes); use a longer text or another --val_fraction")
     return split, size
 
@@ -273,7 +350,8 @@ def _write_split(chunks, encode, out_dir, name, split, shard_tokens, max_tokens)
 # downloads
 
 def _offline(url, e):
-    reason = str(e) if isinstance(e, requests.HTTPError) else type(e).__name__  # others are many lines long
+    reason = (str(e) if isinstance(e, requests.HTTPError)
+              else type(e).__name__)  # others are many lines long
     return f"could not download {url} ({reason}); offline? {OFFLINE_HINT}"
 
 def download(url, path, check=None, chunk_bytes=1 << 20):
@@ -289,7 +367,8 @@ def download(url, path, check=None, chunk_bytes=1 << 20):
     tmp = path + '.part'
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     try:
-        with requests.get(url, stream=True, timeout=30, headers={'Range': f'bytes={have}-'} if have else {}) as r:
+        with requests.get(url, stream=True, timeout=30,
+                          headers={'Range': f'bytes={have}-'} if have else {}) as r:
             if r.status_code == 416:  # the .part does not fit the file on the server: start over
                 os.remove(tmp)
                 return download(url, path, check, chunk_bytes)
@@ -309,18 +388,21 @@ def download(url, path, check=None, chunk_bytes=1 << 20):
     except requests.RequestException as e:
         raise DataError(_offline(url, e)) from None
     if total > have and os.path.getsize(tmp) != total:
-        raise DataError(f"download of {url} stopped at {os.path.getsize(tmp)} of {total} bytes; run the same command again to resume")
+        raise DataError(f"download of {url} stopped at {os.path.getsize(tmp)} of {total} bytes; "
+                        f"run the same command again to resume")
     os.replace(tmp, path)
     if check:
         check(path)
     return path
 
 def _http_blocks(url, chunk_bytes):
-    """The bytes of url as they arrive, for taking the first part of a big file without saving it."""
+    """The bytes of url as they arrive, for taking the first part of a big file
+    without saving it."""
     try:
         with requests.get(url, stream=True, timeout=30) as r:
             r.raise_for_status()
-            bar = _Bar(f"streaming {url.rsplit('/', 1)[-1]}", int(r.headers.get('content-length', 0)))
+            bar = _Bar(f"streaming {url.rsplit('/', 1)[-1]}",
+                       int(r.headers.get('content-length', 0)))
             try:
                 for block in r.iter_content(chunk_bytes):
                     bar.update(len(block))
@@ -336,14 +418,17 @@ def _http_blocks(url, chunk_bytes):
 def _clear(out_dir, name):
     """Remove our earlier output, so a rerun with fewer shards leaves no stale ones behind."""
     if os.path.exists(os.path.join(out_dir, 'meta.json')):
-        os.remove(os.path.join(out_dir, 'meta.json'))  # a half-made directory then reads as unprepared
+        # a half-made directory then reads as unprepared
+        os.remove(os.path.join(out_dir, 'meta.json'))
     for split in ('train', 'val'):
         for p in glob.glob(os.path.join(out_dir, f'*_{split}_*.bin')):
             if not os.path.basename(p).startswith(f'{name}_{split}_'):
-                raise DataError(f"{out_dir}: already holds another dataset's shards ({os.path.basename(p)}); pick another --out_dir")
+                raise DataError(f"{out_dir}: already holds another dataset's shards "
+                                f"({os.path.basename(p)}); pick another --out_dir")
             os.remove(p)
 
-def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None, max_tokens=None, shards=1,
+def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
+            max_tokens=None, shards=1,
             val_fraction=0.1, shard_tokens=100_000_000, chunk_bytes=1 << 20):
     """Does what `python prepare.py NAME ...` does; returns out_dir."""
     if name not in SOURCES:
@@ -351,24 +436,31 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None, ma
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if shard_tokens < 1 or chunk_bytes < 1:
-        raise DataError(f"--shard_tokens and --chunk_bytes must be positive, got {shard_tokens} and {chunk_bytes}")
+        raise DataError(f"--shard_tokens and --chunk_bytes must be positive, "
+                        f"got {shard_tokens} and {chunk_bytes}")
     out_dir = out_dir or os.path.join('data', name)
-    cmd = ' '.join(['python prepare.py', name] + (['--source', source] if source != 'bundled' else [])
-                   + (['--input', input] if input else []) + (['--tokenizer', tokenizer] if tokenizer else [])
-                   + (['--max_tokens', str(max_tokens)] if max_tokens else []) + (['--shards', str(shards)] if name == 'fineweb10B' else [])
+    cmd = ' '.join(['python prepare.py', name]
+                   + (['--source', source] if source != 'bundled' else [])
+                   + (['--input', input] if input else [])
+                   + (['--tokenizer', tokenizer] if tokenizer else [])
+                   + (['--max_tokens', str(max_tokens)] if max_tokens else [])
+                   + (['--shards', str(shards)] if name == 'fineweb10B' else [])
                    + ([] if out_dir == os.path.join('data', name) else ['--out_dir', out_dir]))
     meta = {'name': name, 'command': cmd}
 
     if name == 'fineweb10B':  # already tokenized shards in our format: fetch and check them
         os.makedirs(out_dir, exist_ok=True)
-        files = ['fineweb_val_000000.bin'] + [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)]
+        files = (['fineweb_val_000000.bin']
+                 + [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)])
         for f in files:
             download(FINEWEB_URL.format(f), os.path.join(out_dir, f), check=read_shard)
         train, val = shard_paths(out_dir, 'train'), shard_paths(out_dir, 'val')
         if len(train) > shards:
-            print(f"note: {out_dir} holds {len(train)} train shards (more than --shards {shards}); all are used")
+            print(f"note: {out_dir} holds {len(train)} train shards "
+                  f"(more than --shards {shards}); all are used")
         meta.update(tokenizer='gpt2', vocab_size=50257, source=FINEWEB_URL.format(''),
-                    train_tokens=sum(len(read_shard(p)) for p in train), val_tokens=sum(len(read_shard(p)) for p in val),
+                    train_tokens=sum(len(read_shard(p)) for p in train),
+                    val_tokens=sum(len(read_shard(p)) for p in val),
                     split="FineWeb's own val shard (fineweb_val_000000.bin); train shards 000001..")
         return _save_meta(out_dir, meta)
 
@@ -376,23 +468,27 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None, ma
     if tokenizer not in ('char', 'gpt2'):
         raise DataError(f"unknown --tokenizer {tokenizer!r} (expected char or gpt2)")
     if name == 'tinystories' and tokenizer != 'gpt2':
-        raise DataError("tinystories is prepared with the gpt2 tokenizer only (drop --tokenizer char)")
+        raise DataError("tinystories is prepared with the gpt2 tokenizer only "
+                        "(drop --tokenizer char)")
     if tokenizer == 'gpt2':
         _gpt2()  # fail before downloading anything
     os.makedirs(out_dir, exist_ok=True)
     val_cap = None if max_tokens is None else max(1, int(max_tokens * val_fraction))
 
     if name == 'tinystories':  # TinyStories has its own validation file; its train file is ~2 GB
-        val_path = download(TINYSTORIES_URL.format('valid'), os.path.join(out_dir, 'TinyStoriesV2-GPT4-valid.txt'))
+        val_path = download(TINYSTORIES_URL.format('valid'),
+                            os.path.join(out_dir, 'TinyStoriesV2-GPT4-valid.txt'))
         train_path = os.path.join(out_dir, 'TinyStoriesV2-GPT4-train.txt')
         if max_tokens is None or os.path.exists(train_path):
             download(TINYSTORIES_URL.format('train'), train_path)
-            train_blocks = _file_blocks(train_path, 0, os.path.getsize(train_path), chunk_bytes, 'train')
+            train_blocks = _file_blocks(train_path, 0, os.path.getsize(train_path),
+                                        chunk_bytes, 'train')
         else:  # only the first part is wanted: tokenize it as it arrives and stop early
             train_blocks = _http_blocks(TINYSTORIES_URL.format('train'), chunk_bytes)
         encode = _array_encoder({'tokenizer': tokenizer, 'chars': None})
         val_blocks = _file_blocks(val_path, 0, os.path.getsize(val_path), chunk_bytes, 'val')
-        meta['source'], meta['split'] = TINYSTORIES_URL.format('{train,valid}'), "TinyStories' own train and valid files"
+        meta['source'], meta['split'] = (TINYSTORIES_URL.format('{train,valid}'),
+                                         "TinyStories' own train and valid files")
         if max_tokens is not None:
             meta['split'] += f"; the first {max_tokens} train and {val_cap} val tokens"
     else:
@@ -407,55 +503,72 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None, ma
         elif source == 'download':
             path = download(TINY_SHAKESPEARE_URL, os.path.join(out_dir, 'input.txt'))
         else:
-            raise DataError(f"unknown --source {source!r} for {name} (expected bundled or download)")
+            raise DataError(f"unknown --source {source!r} for {name} "
+                            f"(expected bundled or download)")
         split, size = _split_point(path, val_fraction)
         meta['source'] = ('data/shakespeare.txt (bundled)' if path == BUNDLED else
                           TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
-        meta['split'] = (f"val = bytes {split}..{size} of the source (the last {val_fraction:.0%}, moved forward to "
+        meta['split'] = (f"val = bytes {split}..{size} of the source "
+                         f"(the last {val_fraction:.0%}, moved forward to "
                          f"the next line start), train = bytes 0..{split}")
         if max_tokens is not None:
             meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens of each"
         if tokenizer == 'char':  # a first streamed pass to find the characters
             chars = set()
-            for text in _text_chunks(_file_blocks(path, 0, size, chunk_bytes, 'chars'), path, chunk_bytes):
+            for text in _text_chunks(_file_blocks(path, 0, size, chunk_bytes, 'chars'),
+                                     path, chunk_bytes):
                 chars.update(text)
             if len(chars) > 2**16:
-                raise DataError(f"{path}: {len(chars)} distinct characters do not fit uint16 tokens; use --tokenizer gpt2")
+                raise DataError(f"{path}: {len(chars)} distinct characters do not fit "
+                                f"uint16 tokens; use --tokenizer gpt2")
             meta['chars'] = sorted(chars)
-        encode = _array_encoder({'tokenizer': tokenizer, 'chars': meta.get('chars'), 'source': path})
+        encode = _array_encoder({'tokenizer': tokenizer, 'chars': meta.get('chars'),
+                                 'source': path})
         train_blocks = _file_blocks(path, 0, split, chunk_bytes, 'train')
         val_blocks = _file_blocks(path, split, size, chunk_bytes, 'val')
 
     where = meta['source']
     _clear(out_dir, name)  # only now: a failed download above leaves earlier shards alone
-    meta['train_tokens'] = _write_split(_text_chunks(train_blocks, where, chunk_bytes), encode, out_dir, name, 'train', shard_tokens, max_tokens)
-    meta['val_tokens'] = _write_split(_text_chunks(val_blocks, where, chunk_bytes), encode, out_dir, name, 'val', shard_tokens, val_cap)
+    meta['train_tokens'] = _write_split(_text_chunks(train_blocks, where, chunk_bytes), encode,
+                                        out_dir, name, 'train', shard_tokens, max_tokens)
+    meta['val_tokens'] = _write_split(_text_chunks(val_blocks, where, chunk_bytes), encode,
+                                      out_dir, name, 'val', shard_tokens, val_cap)
     if not meta['train_tokens'] or not meta['val_tokens']:
-        raise DataError(f"{where}: the train or val split came out empty; use a longer text or another --val_fraction")
-    meta.update(tokenizer=tokenizer, vocab_size=len(meta['chars']) if tokenizer == 'char' else 50257, shard_tokens=shard_tokens)
+        raise DataError(f"{where}: the train or val split came out empty; "
+                        f"use a longer text or another --val_fraction")
+    meta.update(tokenizer=tokenizer,
+                vocab_size=len(meta['chars']) if tokenizer == 'char' else 50257,
+                shard_tokens=shard_tokens)
     return _save_meta(out_dir, meta)
 
 def _save_meta(out_dir, meta):
     with open(os.path.join(out_dir, 'meta.json.tmp'), 'w') as f:
         json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))  # written last: marks the directory done
+    # written last: marks the directory done
+    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
     print(f"{out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
           f"{meta['tokenizer']} tokenizer, vocab_size {meta['vocab_size']}")
     return out_dir
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n\n', 1)[1])
     p.add_argument('name', choices=SOURCES)
     p.add_argument('--out_dir', help='default: data/NAME')
-    p.add_argument('--source', default='bundled', choices=['bundled', 'download'], help='shakespeare*: bundled corpus or tiny-shakespeare download')
+    p.add_argument('--source', default='bundled', choices=['bundled', 'download'],
+                   help='shakespeare*: bundled corpus or tiny-shakespeare download')
     p.add_argument('--input', help='text: the UTF-8 file to tokenize')
     p.add_argument('--tokenizer', choices=['char', 'gpt2'], help='text: char (default) or gpt2')
-    p.add_argument('--max_tokens', type=int, help='stop after this many train tokens (val: this x val_fraction)')
-    p.add_argument('--shards', type=int, default=1, help='fineweb10B: number of 100M-token train shards')
+    p.add_argument('--max_tokens', type=int,
+                   help='stop after this many train tokens (val: this x val_fraction)')
+    p.add_argument('--shards', type=int, default=1,
+                   help='fineweb10B: number of 100M-token train shards')
     p.add_argument('--val_fraction', type=float, default=0.1)
-    p.add_argument('--shard_tokens', type=int, default=100_000_000, help='at most this many tokens per shard file')
-    p.add_argument('--chunk_bytes', type=int, default=1 << 20, help='text read per step; memory use is a few times this')
+    p.add_argument('--shard_tokens', type=int, default=100_000_000,
+                   help='at most this many tokens per shard file')
+    p.add_argument('--chunk_bytes', type=int, default=1 << 20,
+                   help='text read per step; memory use is a few times this')
     args = vars(p.parse_args(argv))
     try:
         prepare(args.pop('name'), **args)

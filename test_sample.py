@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+import runpy
+
 import pytest
 import torch
 
-import sample
 import tiktoken
-from model import GPT, GPTConfig
+from model import GPT, CheckpointError, GPTConfig
 from prepare import DataError
 
 CHARS = sorted("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")  # as prepare.py stores them
@@ -28,12 +29,18 @@ def write_checkpoint(out_dir, gated=True, meta=None):
             m.gate_heads[1].weight[0, 0] = 100.0
     meta = meta or {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({"model": m.state_dict(), "model_args": vars(cfg), "meta": meta, "step": 7},
+    torch.save({"model": m.state_dict(), "model_args": dict(vars(cfg)), "meta": meta, "step": 7},
                os.path.join(out_dir, "ckpt.pt"))
 
 
 def run(out_dir, *args):
-    sample.main([f"--out_dir={out_dir}", "--max_new_tokens=40", *args])
+    """python sample.py --out_dir=... --max_new_tokens=40 *args, run in this process."""
+    argv = sys.argv
+    sys.argv = ["sample.py", f"--out_dir={out_dir}", "--max_new_tokens=40", *args]
+    try:
+        runpy.run_path(os.path.join(HERE, "sample.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
 def test_samples_are_reproducible_with_a_seed(tmp_path, capsys):
@@ -85,15 +92,15 @@ def test_dense_checkpoint_reports_no_savings(tmp_path, capsys):
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
-    with pytest.raises(DataError, match="no checkpoint at .*ckpt.pt: train one with `python train.py"):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*ckpt.pt: train one with `python train.py"):
         run(tmp_path)
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="ckpt.pt is not a usable train.py checkpoint"):
+    with pytest.raises(CheckpointError, match="ckpt.pt is not a usable train.py checkpoint"):
         run(tmp_path)
     write_checkpoint(tmp_path)
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])  # truncated by a crash
-    with pytest.raises(DataError, match="not a usable"):
+    with pytest.raises(CheckpointError, match="not a usable"):
         run(tmp_path)
 
 
@@ -114,7 +121,13 @@ def test_gpt2_checkpoint_offline_says_so(tmp_path, monkeypatch):
 
 
 def test_cli_prints_one_line_errors(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path}"],
-                            capture_output=True, text=True, cwd=HERE)
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: no checkpoint")
+    def stderr_of(*args):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args],
+                                capture_output=True, text=True, cwd=HERE)
+        assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+        return result.stderr
+    assert stderr_of(f"--out_dir={tmp_path}").startswith("error: no checkpoint")
+    write_checkpoint(tmp_path)
+    assert "'#' is not in the" in stderr_of(f"--out_dir={tmp_path}", "--start=a#b")
+    assert "top_p" in stderr_of(f"--out_dir={tmp_path}", "--top_p=1.5")
+    assert "unknown setting 'init_from'" in stderr_of("--init_from=resume")

@@ -4,6 +4,7 @@ subprocess with a tiny model; the whole file takes a minute or two on a 2-core C
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-import train
+from configurator import configure, settings_block
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--n_layer=2', '--n_head=2', '--n_kv_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
@@ -70,47 +71,46 @@ def tiny_ckpt(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- settings (in-process)
 
-def test_overrides_are_type_checked():
-    c = train.parse_config(['--gated=false', '--learning_rate=3e-4', '--max_iters=2e3', '--compile=True',
-                            '--ctrl_coef_min=-inf', '--out_dir=x'])
-    assert c['gated'] is False and c['learning_rate'] == 3e-4 and c['max_iters'] == 2000
+def train_settings(*argv):
+    """train.py's settings after presets and overrides, as configure() makes them."""
+    scope = {'__file__': os.path.join(ROOT, 'train.py')}
+    exec(settings_block(scope['__file__']), scope)
+    return configure(scope, list(argv))
+
+
+def test_overrides_are_type_checked(capsys):
+    c = train_settings('--gated=false', '--learning_rate=3e-4', '--max_iters=2e3', '--compile=True',
+                       '--ctrl_coef_min=-inf', '--out_dir=x', '--learning_rate=1')
+    assert c['gated'] is False and c['learning_rate'] == 1.0 and c['max_iters'] == 2000
     assert c['compile'] == 'true' and c['ctrl_coef_min'] == -math.inf and c['out_dir'] == 'x'
-    for bad in ('--n_layer=2.5', '--gated=yes please', '--learning_rate=fast', '--controller=pid', '--n_layer',
-                '--dtype=fp8', '--nlayer=4', '--warmup_frac=1.5', '--batch_size=0'):
-        with pytest.raises(train.ConfigError):
-            train.parse_config([bad])
+    for bad, needle in (('--n_layer=2.5', 'n_layer must be int'), ('--gated=yes please', 'gated must be bool'),
+                        ('--learning_rate=fast', "learning_rate must be float (like the default 0.001), got 'fast'"),
+                        ('--n_layer', 'expected --key=value'),
+                        ('--nlayer=4', "unknown setting 'nlayer' (did you mean n_layer?)"),
+                        ('config/nosuch.py', "preset file 'config/nosuch.py' not found")):
+        with pytest.raises(SystemExit, match=re.escape(needle)):
+            train_settings(bad)
 
 
 def test_presets():
-    assert train.parse_config(['config/cpu_default.py']) == train.DEFAULTS  # the preset documents the defaults
-    g = train.parse_config(['config/fineweb_gated.py'])
+    assert train_settings('config/cpu_default.py') == train_settings()  # the preset spells out the defaults
+    g = train_settings('config/fineweb_gated.py')
     assert (g['n_layer'], g['n_embd'], g['n_head'], g['block_size'], g['tokens_per_step']) == (12, 768, 12, 1024, 524288)
     assert g['gated'] and g['controller'] == 'proportional' and (g['ctrl_target_start'], g['ctrl_target_end']) == (1.0, 0.5)
     assert (g['learning_rate'], g['beta1'], g['beta2'], g['weight_decay']) == (1e-3, 0.8, 0.95, 0.0)
     assert g['dataset'] == 'fineweb10B' and (g['warmup_frac'], g['warmup_start']) == (0.1, 0.1)
-    d = train.parse_config(['config/fineweb_dense.py', '--n_layer=6'])
+    d = train_settings('config/fineweb_dense.py', '--n_layer=6')
     assert not d['gated'] and d['n_layer'] == 6 and d['tokens_per_step'] == 524288
-    s = train.parse_config(['config/shakespeare_char_gpu.py'])
+    s = train_settings('config/shakespeare_char_gpu.py')
     assert s['n_layer'] == 6 and s['n_embd'] == 384 and s['block_size'] == 256
 
 
-def test_lr_schedule():
-    c = dict(train.DEFAULTS, max_iters=100, learning_rate=1e-3)
-    assert train.get_lr(0, c) == pytest.approx(1e-4)              # warmup from 0.1x ...
-    assert train.get_lr(5, c) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert train.get_lr(10, c) == pytest.approx(1e-3)              # ... over the first 10% ...
-    assert train.get_lr(55, c) == pytest.approx(5e-4)              # ... then cosine to 0
-    assert train.get_lr(99, c) < 1e-6
-    assert all(train.get_lr(i, c) >= train.get_lr(i + 1, c) for i in range(10, 99))
-
-
-def test_atomic_save_and_prefixes(tmp_path):
-    path = str(tmp_path / 'ckpt.pt')
-    train.save_atomic({'a': torch.ones(3)}, path)
-    train.save_atomic({'a': torch.zeros(3)}, path)
-    assert os.listdir(tmp_path) == ['ckpt.pt'] and torch.load(path)['a'].sum() == 0
-    sd = train.clean_state_dict({'module._orig_mod.tok_emb.weight': 1, '_orig_mod.lm_head.weight': 2})
-    assert sd == {'tok_emb.weight': 1, 'lm_head.weight': 2}
+def test_help_prints_every_setting_with_its_comment():
+    p = subprocess.run([sys.executable, 'train.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith('Train a GPT that learns to skip')
+    for line in settings_block(os.path.join(ROOT, 'train.py')).splitlines():
+        assert line in p.stdout
+    assert "ctrl_lr = 2e-2" in p.stdout and "# end of settings" not in p.stdout
 
 
 # ----------------------------------------------------------------------------- runs
@@ -132,6 +132,9 @@ def test_resume_is_exact(tmp_path):
     for x, y in zip(ra, rb):
         assert {k: x[k] for k in keys} == {k: y[k] for k in keys}, x['step']
     assert len({str(r['mean_coefs']) for r in ra}) > 2  # the controller really moved
+    # the schedule: warmup over 10% of 12 steps (1 step) from 0.1x, then cosine down to 0
+    want = [1e-4] + [0.5 * (1 + math.cos(math.pi * (i - 1) / 11)) * 1e-3 for i in range(1, 12)]
+    assert [r['lr'] for r in ra] == pytest.approx(want)
     va = {r['step']: r['val_loss'] for r in records(a, 'eval')}
     vb = {r['step']: r['val_loss'] for r in records(b, 'eval')}
     assert va[12] == vb[12] and va[8] == vb[8]
@@ -141,14 +144,29 @@ def test_resume_is_exact(tmp_path):
     assert ca['data_state'] == cb['data_state'] and ca['controller']['steps'] == cb['controller']['steps'] == 12
 
 
+DUMP_RANK = """
+import os, runpy, sys, torch
+sys.path.insert(0, os.getcwd())
+sys.argv = ['train.py'] + sys.argv[1:]
+g = runpy.run_path('train.py', run_name='__main__')  # train.py's globals once it has finished
+torch.save({'controller': g['ctrl'].state_dict(), 'data_state': g['train_stream'].state_dict(),
+            'param_sum': sum(p.detach().double().sum().item() for p in g['model'].parameters())},
+           os.path.join(g['out_dir'], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     """torchrun with 2 gloo processes (each reading its own part of every global batch,
-    2 accumulation micro-steps with no_sync) against 1 process on the same global batch."""
-    args = TINY + ['--max_iters=8', '--eval_interval=4', '--tokens_per_step=512', '--debug_dump=true',
-                   '--ctrl_lr=0.05', '--gated=true']
+    2 accumulation micro-steps with no_sync) against 1 process on the same global batch.
+    A wrapper runs train.py and then saves each rank's final state, to compare the ranks."""
+    args = TINY + ['--max_iters=8', '--eval_interval=4', '--tokens_per_step=512', '--ctrl_lr=0.05', '--gated=true']
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     run(args + ['--batch_size=4'], one)  # 512 = 1 x 4 seqs x 32 x 4 accum
-    p = run(args + ['--batch_size=2'], two, nproc=2)  # 512 = 2 procs x 2 seqs x 32 x 4 accum
+    (tmp_path / 'dump_rank.py').write_text(DUMP_RANK)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(tmp_path / 'dump_rank.py'), *args, '--batch_size=2', f'--data_dir={DATA}', f'--out_dir={two}']
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]  # 512 = 2 procs x 2 seqs x 32 x 4 accum
     assert 'ddp gloo' in p.stdout and '2 procs x 4 accum' in p.stdout
     r1, r2 = records(one, 'train'), records(two, 'train')
     assert len(r1) == len(r2) == 8
@@ -157,12 +175,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert y['mean_coefs'] == pytest.approx(x['mean_coefs'], rel=1e-3, abs=1e-7)
     e1, e2 = records(one, 'eval'), records(two, 'eval')
     assert e2[-1]['val_loss'] == pytest.approx(e1[-1]['val_loss'], rel=1e-4)
-    # every rank took the same controller steps; the data position is global
-    d0, d1 = (torch.load(os.path.join(two, f'debug_rank{r}.pt')) for r in (0, 1))
+    # every rank took the same controller steps and holds the same weights; the data position is global
+    d0, d1 = (torch.load(os.path.join(two, f'rank{r}.pt')) for r in (0, 1))
     for k in ('mean_coefs', 'var_coefs'):
         assert torch.equal(d0['controller'][k], d1['controller'][k])
     assert d0['controller']['mean_coefs'].abs().sum() > 0
-    assert d0['param_sum'] == d1['param_sum'] and d0['data_state'] == d1['data_state']
+    assert d0['param_sum'] == d1['param_sum'] and d0['data_state'] == d1['data_state'] == load(two)['data_state']
     m1, m2 = load(one)['model'], load(two)['model']
     for k in m1:
         assert torch.allclose(m1[k], m2[k], rtol=1e-3, atol=1e-5), k
@@ -178,7 +196,7 @@ def test_default_run_learns_and_leaves_a_usable_checkpoint(tmp_path):
     assert [e['step'] for e in evals] == [0, 20, 40]
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5, [e['val_loss'] for e in evals]
     for e in evals:
-        assert len(e['gate_mean']) == train.DEFAULTS['n_layer'] and 0 <= e['sparsity'] <= 1
+        assert len(e['gate_mean']) == train_settings()['n_layer'] and 0 <= e['sparsity'] <= 1
         assert e['flops_per_token'] > 0
     assert evals[-1]['train_flops'] > 0
     trains = records(out, 'train')
@@ -224,14 +242,16 @@ def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    """A run checkpointed at step 5 resumes with a learning rate that makes it diverge: it
+    stops with one line and leaves the step-5 checkpoint as it was."""
     out = str(tmp_path / 'nan')
-    p = run(TINY + ['--max_iters=20', '--eval_interval=5', '--debug_nan_step=8'], out, ok=False)
-    one_line_error(p, 'non-finite loss at step 8', 'step 5')
-    assert load(out)['step'] == 5 and sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
-    assert max(r['step'] for r in records(out, 'train')) == 7
-    # a real divergence, no debug switch
-    p = run(TINY + ['--max_iters=20', '--learning_rate=1e6'], str(tmp_path / 'diverge'), ok=False)
-    one_line_error(p, 'non-finite loss at step')
+    run(TINY + ['--max_iters=20', '--eval_interval=5', '--stop_iter=5'], out)
+    saved = load(out)
+    p = run(TINY + ['--max_iters=20', '--eval_interval=5', '--init_from=resume', '--learning_rate=1e6'], out, ok=False)
+    one_line_error(p, 'non-finite loss at step', 'the last good checkpoint', '(step 5) is kept')
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl'] and load(out)['step'] == 5
+    for k, v in saved['model'].items():
+        assert torch.equal(v, load(out)['model'][k])
 
 
 def test_sigterm_checkpoints_and_exits(tmp_path):
@@ -276,3 +296,11 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
     one_line_error(run(TINY + ['--init_from=resume', '--n_embd=64'], tiny_ckpt, ok=False),
                    'n_embd', 'checkpoint', '--n_embd=32')
     one_line_error(run(TINY + ['--init_from=resume', '--gated=false'], tiny_ckpt, ok=False), 'gated')
+    one_line_error(run(TINY + ['--init_from=resume', '--controller=adaptive'], tiny_ckpt, ok=False),
+                   "controller is 'proportional'", '--controller=proportional')
+    # settings that only train.py, GPTConfig or GateController can judge
+    one_line_error(run(TINY + ['--controller=pid'], ok=False), 'controller must be one of', "'pid'")
+    one_line_error(run(TINY + ['--dtype=fp8'], ok=False), "dtype must be", "'fp8'")
+    one_line_error(run(TINY + ['--warmup_frac=1.5'], ok=False), 'warmup_frac must be in [0, 1)', '1.5')
+    one_line_error(run(TINY + ['--batch_size=0'], ok=False), 'batch_size must be positive', '0')
+    one_line_error(run(TINY + ['--n_layer=3'], ok=False), 'GPTConfig.n_layer', 'even', '3')

@@ -1,4 +1,4 @@
-# The paper's gated run (SPEC section 5): FineWeb 10B with GPT-2 tokens, 12 layers, d 768,
+# The paper's gated run: FineWeb 10B with GPT-2 tokens, 12 layers, d 768,
 # 12 heads, T 1024, 524,288 tokens per optimizer step, AdamW lr 1e-3 betas (0.8, 0.95) eps 1e-10
 # no weight decay, 10% warmup from 0.1x then cosine, proportional controller with mean targets
 # 1.0 (outer layers) -> 0.5 (middle), bf16 autocast. One pass over the prepared train shards.

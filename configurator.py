@@ -1,0 +1,104 @@
+"""
+Settings the nanoGPT way. A script keeps its settings as plain lower-case names with comments
+between a line '# settings' and a line '# end of settings', then calls
+`config = configure(globals())`.
+That applies each preset file named on the command line (executed as Python) and each
+--key=value, in order. A value is read as a Python literal (strings need no quotes; true and
+false are booleans; a bare --key sets a boolean) and must have the type of the default it
+replaces (an int may stand for a float). --help prints the docstring and the settings block.
+Mistakes stop the script with one line, and so do the errors model.py and prepare.py raise
+on purpose (ConfigError, CheckpointError, DataError): "error: ..." instead of a traceback.
+"""
+import ast
+import difflib
+import os
+import sys
+
+
+def settings_block(path):
+    with open(path) as f:
+        src = f.read()
+    start = src.index('\n# settings\n') + 1
+    return src[start:src.index('\n# end of settings', start)]
+
+
+def _typed(key, value, default, source):
+    """value (text after --key=, or a preset's object) as the type of default, or exit."""
+    if isinstance(value, str) and value.lower() in ('true', 'false'):
+        value = value.lower() == 'true'
+    elif isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            value = float(value) if value.lower() in ('inf', '-inf', 'nan') else value
+    if isinstance(default, str) and isinstance(value, bool):
+        value = str(value).lower()  # the 'auto'/'true'/'false' settings take booleans too
+    elif type(default) is float and type(value) is int:
+        value = float(value)
+    elif type(default) is int and type(value) is float and value.is_integer():
+        value = int(value)  # 2e3 is fine for an int
+    if type(value) is not type(default):
+        sys.exit(f"error: {source}: {key} must be {type(default).__name__} "
+                 f"(like the default {default!r}), got {value!r}")
+    return value
+
+
+def configure(scope, argv=None):
+    keys = [k for k, v in scope.items()  # lower-case names of plain values; not CONSTANTS
+            if k[0].islower() and type(v) in (bool, int, float, str)]
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        print(scope['__doc__'].strip(), 'Settings (--key=value):', settings_block(scope['__file__']),
+              sep='\n\n')
+        sys.exit(0)
+    for arg in argv:
+        if arg.startswith('--'):
+            key, has_value, text = arg[2:].partition('=')
+            if not has_value and type(scope.get(key)) is not bool:
+                sys.exit(f"error: expected --key=value, got {arg!r}")
+            updates = {key: text if has_value else True}
+        else:
+            if not os.path.isfile(arg):
+                sys.exit(f"error: preset file {arg!r} not found (presets live in config/)")
+            preset = {'__file__': arg, **{k: scope[k] for k in keys}}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), preset)
+            updates = {k: v for k, v in preset.items() if not k.startswith('_')
+                       and not callable(v) and type(v).__name__ != 'module'}  # not imports, helpers
+        for key, value in updates.items():
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                sys.exit(f"error: {arg}: unknown setting {key!r}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+            scope[key] = _typed(key, value, scope[key], arg)
+    sys.excepthook = _one_line_errors
+    return {k: scope[k] for k in keys}
+
+
+def _one_line_errors(kind, error, tb):
+    if issubclass(kind, ValueError) and kind.__module__ in ('model', 'prepare'):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
+def device_and_dtype(device='auto', dtype='auto'):
+    """The torch.device to run on and the name of the compute dtype: 'auto' picks CUDA, then
+    MPS, then the CPU; and bfloat16 on GPUs that have it (float16 on older ones), else float32."""
+    import torch
+    if device == 'auto':
+        device = ('cuda' if torch.cuda.is_available() else
+                  'mps' if torch.backends.mps.is_available() else 'cpu')
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        sys.exit(f"error: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit(f"error: device={str(device)!r} but CUDA is not available here; use --device=cpu")
+    if dtype == 'auto':
+        dtype = 'float32'
+        if device.type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}")
+    return device, dtype
