@@ -205,18 +205,22 @@ class Block(nn.Module):
         return x + (f if g is None else (g * f).type_as(x))
 
 
-SKIP_BUCKET = 8  # packed lengths round up to a multiple of this (64 when compiled): few shapes
+SKIP_BUCKET = 8  # packed lengths round up to a multiple of this in eager mode: little padding
 
 
-def run_active_tokens(block, x, cos, sin, g, eps, backend, bucket, keep_kv=False):
+def run_active_tokens(block, x, cos, sin, g, eps, backend, keep_kv=False):
     """The block on only the tokens whose gate g (B, T, 1) is > 0. Each row's active tokens are
-    packed in order, keep their own rotary positions, and are padded to the batch's longest
-    row; skipped tokens keep their stream and are absent from this layer's attention, exactly
-    as in decoding. Returns the new stream and, if keep_kv, the keys and values at their
-    original positions (None if the whole batch skips)."""
+    packed in order, keep their own rotary positions, and are padded to the batch's longest row
+    (rounded up to a bucket); skipped tokens keep their stream and are absent from this layer's
+    attention, exactly as in decoding. Returns the new stream and, if keep_kv, the keys and
+    values at their original positions (None if the whole batch skips)."""
     B, T, d = x.shape
     active = g.squeeze(-1) > 0
-    n = -(-int(active.sum(1).max()) // bucket) * bucket  # packed length: one host sync per layer
+    longest = int(active.sum(1).max())  # the layer's one host sync (a graph break when compiled)
+    # coarser buckets where each new length compiles anew: torch.compile, and FlexAttention
+    # (compiled per shape, in blocks of 128)
+    bucket = 128 if backend == "flex" else 64 if torch.compiler.is_compiling() else SKIP_BUCKET
+    n = -(-longest // bucket) * bucket  # the packed length
     if n >= T:  # packing would save nothing: the ordinary path, with skipped keys hidden for
         # certain -- exp(-1e4) is exactly 0, and unlike -inf it leaves no softmax row empty
         hidden = gate_bias(g.squeeze(-1), eps).masked_fill(~active, -1e4)
@@ -299,7 +303,6 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         backend = self.attn_backend(idx.device)
-        bucket = 64 if torch.compiler.is_compiling() else SKIP_BUCKET
         x = self.norm_in(self.tok_emb(idx))
         gates, kv, norms, m = [], [], [], 0.0
         for i, block in enumerate(self.blocks):
@@ -309,7 +312,7 @@ class GPT(nn.Module):
                 gates.append(g)
             if skip and cfg.gated:
                 x, layer_kv = run_active_tokens(block, x, cos, sin, g, cfg.gate_eps, backend,
-                                                bucket, keep_kv)
+                                                keep_kv)
             else:
                 key_bias = None if g is None else gate_bias(g.squeeze(-1), cfg.gate_eps)
                 x, layer_kv = block(x, cos, sin, g, key_bias, backend)

@@ -513,10 +513,10 @@ def test_padding_ids_are_never_sampled():
 
 # ------------------------------------------------------------------ real skipping (skip=True)
 
-def mixed_gates_model():
+def mixed_gates_model(**kw):
     """Six layers. Ids 0 mod 4 skip every layer, 1 mod 4 layers 1-4, 2 mod 4 layers 2-3, and
     3 mod 4 none; every gate that is not 0 lies strictly between 0 and 1 (gate head biases)."""
-    m = tiny(n_layer=6)
+    m = tiny(n_layer=6, **kw)
     ids = torch.arange(V)
     with torch.no_grad():
         for i, head in enumerate(m.gate_heads):
@@ -674,3 +674,25 @@ def test_skipped_tokens_are_exactly_invisible_with_skip(n_skipped):
     assert torch.equal(g[0] == 0, skipped)
     assert ((24 - n_skipped) > 24 - M.SKIP_BUCKET) == (n_skipped == 3)  # which path each takes
     assert torch.equal(a[~skipped], b[~skipped])
+
+
+@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
+def test_skip_path_with_flex_attention():
+    """Packed rows through FlexAttention (lengths in buckets of 128, so 256 tokens here) give
+    the masked SDPA path's logits. The attention is sharp, so the masked reference hides
+    closed keys with a far smaller gate_eps: log(1e-6) alone would let them leak."""
+    m = mixed_gates_model(block_size=256)
+    with torch.no_grad():
+        for block in m.blocks:  # sharper attention, so that positions matter
+            block.attn.wq.weight.mul_(20)
+            block.attn.wk.weight.mul_(20)
+    torch.manual_seed(5)
+    idx = torch.randint(0, V // 4, (2, 256)) * 4 + (torch.rand(2, 256) < 0.2) * 2
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        m.config.gate_eps = 1e-30
+        a, _, g = m(idx)
+        m.config.gate_eps, m.config.attn_backend = 1e-6, "flex"
+        b, _, _ = m(idx, skip=True)
+    assert 0 < (g[1] > 0).sum(1).max() <= 128  # layer 1 runs packed rows of 128
+    assert torch.allclose(a, b, atol=1e-5)
