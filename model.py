@@ -3,8 +3,9 @@ A transformer that learns to skip its middle layers: T. Lawson and L. Aitchison,
 to Skip the Middle Layers of Transformers" (2025), https://arxiv.org/abs/2506.21103.
 
 Read top to bottom: config, RMSNorm, rotary embeddings, attention, SwiGLU, the
-sandwich-norm block, the model with its gate heads, generation with a KV cache that
-really skips layers, the gate regularizer with its controllers, and checkpoints.
+sandwich-norm block, a block run on only the tokens that do not skip it, the model with its
+gate heads, generation with a KV cache that really skips layers, the gate regularizer with its
+controllers, and checkpoints.
 
 The idea in one picture (L = 6 layers, one token):
 
@@ -327,8 +328,9 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V), mean cross-entropy (or None), gates (L, B, T) or None;
         with resid_norms=True also each layer's mean residual-stream norm (L,), for evaluation
         tables. The gate regularizer is not in the loss: add GateController.loss(gates).
-        skip=True computes only the (token, layer) pairs whose gate is > 0: the same result up
-        to float error (a closed gate's key is dropped rather than biased by log(gate_eps))."""
+        skip=True computes only the (token, layer) pairs whose gate is > 0. A closed gate's key
+        is then absent rather than biased by log(gate_eps): the same result up to float error,
+        unless attention scores are large enough to see through that bias."""
         x, gates, _, norms = self.trunk(idx, resid_norms=resid_norms, skip=skip)
         logits = self.lm_head(self.norm_out(x))
         loss = None
@@ -370,11 +372,11 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, return_gates=False, skip=True):
         """Sample max_new_tokens after the prompt idx (B, T) with a KV cache. The prompt is
-        prefilled in one pass; then each new token runs only the layers outside its skipped
-        span. temperature=0 is greedy. With return_gates, also returns the gates (L, B, T_out)
-        of every output position (None for a dense model). When the context reaches
-        block_size, the last block_size/2 tokens are prefilled again and decoding goes on.
-        skip=False runs every layer for every token (to measure what skipping saves)."""
+        prefilled in one pass; there, and for each new token, a token runs only the layers
+        outside its skipped span. temperature=0 is greedy. With return_gates, also returns the
+        gates (L, B, T_out) of every output position (None for a dense model). When the context
+        reaches block_size, the last block_size/2 tokens are prefilled again and decoding goes
+        on. skip=False runs every layer for every token (to measure what skipping saves)."""
         cfg = self.config
         if idx.size(1) > cfg.block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last "
