@@ -3,6 +3,8 @@ Benchmarks, printed as tables you can paste into the README (device and date inc
 
     python bench.py train    # a training step (forward, backward, AdamW): dense vs gated, same size
     python bench.py decode   # decoding tokens/s: KV cache or not, skipped layers computed or not
+    python bench.py skip     # forward and forward + backward: every (token, layer) computed and
+                             # masked, or only those not skipped (skip=True), at 0/25/50% skipped
 
 Settings are --key=value (below); e.g. the paper's size on a GPU:
     python bench.py train --n_layer=12 --n_embd=768 --n_head=12 --n_kv_head=12 --block_size=1024 \\
@@ -19,23 +21,24 @@ import torch
 from configurator import configure, device_and_dtype
 from model import GPT, GateController, GPTConfig, KVCache
 
-MODES = ('train', 'decode')
+MODES = ('train', 'decode', 'skip')
 # settings
 n_layer = 6
 n_embd = 384
 n_head = 6
 n_kv_head = 6
 vocab_size = 512
-block_size = 256         # train: tokens per sequence
-batch_size = 8           # train: sequences per step
-steps = 5                # train: steps per timed repeat
+block_size = 256         # train, skip: tokens per sequence
+batch_size = 8           # train, skip: sequences per step
+steps = 5                # train, skip: steps per timed repeat
 repeats = 5              # timed repeats; tables show the median
 context = 512            # decode: prompt tokens before the timed ones
 new_tokens = 32          # decode: tokens timed, one at a time
 skip_fraction = 0.5      # decode: share of the tokens whose gates close the middle layers
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'
-dtype = 'auto'           # train: 'auto' = bfloat16 on GPUs that have it, else float32
-compile = 'auto'         # train: torch.compile, 'auto' = on for CUDA only, 'true', 'false'
+dtype = 'auto'           # train, skip: 'auto' = bfloat16 on GPUs that have it, else float32
+compile = 'auto'         # train, skip: torch.compile, 'auto' = on for CUDA only, 'true', 'false'
+attn_backend = 'auto'    # gated attention: 'auto' (FlexAttention on CUDA), 'sdpa', 'flex'
 seed = 0
 # end of settings
 configure(globals(), [a for a in sys.argv[1:] if a not in MODES])
@@ -59,17 +62,17 @@ def make_model(model_args, gated, seq_len, device, seed=0):
     return GPT(GPTConfig(**model_args, block_size=seq_len, gated=gated)).to(device)
 
 
-def skipping_model(model_args, seq_len, skip_fraction, device, seed=0):
-    """A gated model in which the tokens with ids below skip_fraction * vocab_size skip layers
-    1 .. L-2: embedding feature 0 is +1 for them and -1 for the others, and gate head 1 reads
-    it with weight 100, so their gate there is exactly 0 (all other gates are 1)."""
+def skipping_model(model_args, seq_len, n_skip_ids, device, seed=0):
+    """A gated model in which the tokens with ids below n_skip_ids skip layers 1 .. L-2:
+    embedding feature 0 is +1 for them and -1 for the others, and gate head 1 reads it with
+    weight 100, so their gate there is exactly 0 (all other gates are 1)."""
     model = make_model(model_args, True, seq_len, device, seed).eval()
     with torch.no_grad():
         for head in model.gate_heads:
             head.weight.zero_()
             head.bias.zero_()
         model.tok_emb.weight[:, 0] = -1.0
-        model.tok_emb.weight[:int(skip_fraction * model_args['vocab_size']), 0] = 1.0
+        model.tok_emb.weight[:n_skip_ids, 0] = 1.0
         model.gate_heads[1].weight[0, 0] = 100.0
     return model
 
@@ -87,7 +90,7 @@ def median_seconds(fn, repeats, device):
 
 
 def train_step(model, optimizer, ctrl, x, dtype):
-    with torch.autocast(x.device.type, dtype=getattr(torch, dtype), enabled=dtype != 'float32'):
+    with torch.autocast(x.device.type, getattr(torch, dtype), dtype != 'float32'):
         _, loss, gates = model(x, x)
         if ctrl is not None:
             loss = loss + ctrl.loss(gates)
@@ -101,9 +104,10 @@ def bench_train(model_args, B, T, steps, repeats, device, dtype, use_compile, se
     x = torch.randint(0, model_args['vocab_size'], (B, T), device=device)
     runs = {}
     for name in ('dense', 'gated'):
-        model = make_model(model_args, name == 'gated', T, device, seed)
+        gated = name == 'gated'
+        model = make_model(model_args, gated, T, device, seed)
         optimizer = model.configure_optimizer(1e-3, (0.8, 0.95), 0.0, device.type)
-        ctrl = GateController('proportional', model_args['n_layer'], device=device) if name == 'gated' else None
+        ctrl = GateController('proportional', model_args['n_layer'], device=device) if gated else None
         step_model = torch.compile(model) if use_compile else model
         step = functools.partial(train_step, step_model, optimizer, ctrl, x, dtype)
         for _ in range(3):  # warm up (and compile)
@@ -135,7 +139,7 @@ def decode_seconds(model, prompt, tokens, cache=True, skip=True):
         return seconds(lambda: [model(torch.cat([prompt, tokens[:, :t + 1]], dim=1)) for t in range(n)],
                        prompt.device)
     kv = KVCache(model, 1, prompt.size(1) + n, prompt.device)
-    model.prefill(prompt, kv)
+    model.prefill(prompt, kv, skip=skip)
     return seconds(lambda: [model.decode_one(tokens[:, t:t + 1], kv, skip) for t in range(n)],
                    prompt.device)
 
@@ -144,7 +148,8 @@ def bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device
     """Decode tokens/s without a cache, with one, and with one and skipping; the variants take
     turns in every repeat, and speed-ups are medians of the per-repeat ratios."""
     L = model_args['n_layer']
-    model = skipping_model(model_args, context + new_tokens, skip_fraction, device, seed)
+    n_skip_ids = int(skip_fraction * model_args['vocab_size'])
+    model = skipping_model(model_args, context + new_tokens, n_skip_ids, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     seq = torch.randint(0, model_args['vocab_size'], (1, context + new_tokens), device=device,
                         generator=gen)
@@ -176,10 +181,70 @@ def bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device
           f"= {100 * (speedup - 1) / (ideal - 1):.0f}% of the ideal saving")
 
 
+def skip_batch(B, T, fraction, n_skip_ids, vocab_size, device, gen):
+    """Token ids (B, T) in which exactly round(fraction * T) random positions of every row hold
+    an id that skips the middle layers (below n_skip_ids), and the others an id that does not."""
+    idx = torch.randint(n_skip_ids, vocab_size, (B, T), generator=gen)
+    for row in idx:
+        where = torch.randperm(T, generator=gen)[:round(fraction * T)]
+        row[where] = torch.randint(0, n_skip_ids, (len(where),), generator=gen)
+    return idx.to(device)
+
+
+def forward(model, idx, skip, dtype):
+    with torch.no_grad(), torch.autocast(idx.device.type, getattr(torch, dtype), dtype != 'float32'):
+        model(idx, skip=skip)
+
+
+def forward_backward(model, idx, skip, dtype):
+    with torch.autocast(idx.device.type, getattr(torch, dtype), dtype != 'float32'):
+        _, loss, _ = model(idx, idx.roll(-1, 1), skip=skip)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def bench_skip(model_args, B, T, steps, repeats, device, dtype, use_compile, seed=0):
+    """A forward pass (as in prefill and evaluation) and forward + backward (a training step
+    without the optimizer), with every (token, layer) computed and masked (skip=False) or only
+    the ones whose gate is above 0 (skip=True), at 0, 25 and 50% of the tokens skipping layers
+    1 .. L-2. The ideal speed-up is all (token, layer) pairs over those that run."""
+    n_skip_ids = model_args['vocab_size'] // 8
+    model = skipping_model(model_args, T, n_skip_ids, device, seed)
+    run_model = torch.compile(model) if use_compile else model
+    gen = torch.Generator().manual_seed(seed)
+    print(f"# bench.py skip on {stamp(device)}")
+    print(f"# n_layer={model_args['n_layer']} n_embd={model_args['n_embd']} T={T} B={B} "
+          f"vocab={model_args['vocab_size']} dtype={dtype} compile={use_compile}, attention: "
+          f"{model.attn_backend(device)}; medians of {repeats} interleaved repeats of {steps} passes")
+    print("| pass | tokens skipping layers 1..L-2 | masked ms | skip=True ms | speed-up | ideal | "
+          "share of the ideal saving |\n|---|---|---|---|---|---|---|")
+    for fraction in (0.0, 0.25, 0.5):
+        idx = skip_batch(B, T, fraction, n_skip_ids, model_args['vocab_size'], device, gen)
+        with torch.no_grad():
+            gates = model(idx)[2]
+        ideal = gates.numel() / (gates > 0).sum().item()
+        for name, fn in (('forward', forward), ('forward + backward', forward_backward)):
+            times = {False: [], True: []}
+            for skip in (False, True, False, True):  # warm up (and compile)
+                fn(run_model, idx, skip, dtype)
+            for _ in range(repeats):
+                for skip in (False, True):
+                    passes = lambda: [fn(run_model, idx, skip, dtype) for _ in range(steps)]
+                    times[skip].append(seconds(passes, device) / steps)
+            speedup = statistics.median(a / b for a, b in zip(times[False], times[True]))
+            share = (f"{100 * (speedup - 1) / (ideal - 1):.0f}%" if ideal > 1 else
+                     f"n/a: skip=True costs {100 * (1 / speedup - 1):+.1f}%")
+            print(f"| {name} | {100 * fraction:.0f}% | {1e3 * statistics.median(times[False]):.1f} | "
+                  f"{1e3 * statistics.median(times[True]):.1f} | {speedup:.2f}x | {ideal:.2f}x | {share} |")
+
+
 device, dtype = device_and_dtype(device, dtype)
-model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                  n_embd=n_embd, attn_backend=attn_backend)
+use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
 if mode == 'train':
-    use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
     bench_train(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile, seed)
+elif mode == 'skip':
+    bench_skip(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile, seed)
 else:
     bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device, seed)

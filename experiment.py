@@ -1,8 +1,9 @@
 """
 Does skipping pay? The paper's comparison at a scale you can afford: dense baselines at
-several depths and gated models at several sparsity targets, trained on the same data with
-the same token budget; then validation cross-entropy against estimated forward FLOPs per
-token, beside measured decode speed with and without skipping.
+several depths and gated models at several sparsity targets (trained with --skip=true, so
+skipped layers are really not computed), on the same data with the same token budget. Then
+validation cross-entropy against estimated forward FLOPs per token and against measured
+training and evaluation time per token, beside decode speed with and without skipping.
 
     python experiment.py                          # CPU scale: bundled Shakespeare, ~20 min on 2 cores
     python experiment.py --scale=fineweb --nproc=8   # the paper's FineWeb setup on a GPU box
@@ -67,22 +68,25 @@ def train_command(run, out_dir):
     args = SCALES[scale]['common'] + [f'--out_dir={out_dir}', f"--n_layer={run['n_layer']}",
                                       f"--gated={str(run['gated']).lower()}"]
     if run['gated']:
-        args.append(f"--ctrl_target_end={run['target']}")
+        args += [f"--ctrl_target_end={run['target']}", '--skip=true']
     return launcher + ['train.py'] + args + train_args
 
 
 @torch.no_grad()
-def decode_speed(model, tokens, skip, repeats=3):
-    """Greedy sampling tokens/s from a one-token prompt, as sample.py samples, with skipped
-    layers left out (skip=True) or computed; and the layers run per new token."""
+def decode_speeds(model, tokens, repeats=7):
+    """Sampling tokens/s from a one-token prompt as sample.py samples (temperature 0.8, a fixed
+    seed), with skipped layers left out and computed, taking turns; and the layers run per new
+    token. (Greedy decoding can fall into a loop of tokens that never skip.)"""
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    times = []
+    times = {True: [], False: []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, gates = model.generate(prompt, tokens, temperature=0, return_gates=True, skip=skip)
-        times.append(time.perf_counter() - t0)
+        for skip in (True, False):
+            t0 = time.perf_counter()
+            _, gates = model.generate(prompt, tokens, temperature=0.8, return_gates=True, skip=skip,
+                                      generator=torch.Generator().manual_seed(1337))
+            times[skip].append(time.perf_counter() - t0)
     layers_run = (gates[:, 0, 1:] > 0).float().sum(0).mean().item()
-    return tokens / statistics.median(times), layers_run
+    return tokens / statistics.median(times[True]), tokens / statistics.median(times[False]), layers_run
 
 
 def summarize(run, out_dir):
@@ -93,7 +97,6 @@ def summarize(run, out_dir):
     if not evals:
         sys.exit(f"error: {path} has no evaluation; did the run finish?")
     last = evals[-1]
-    speeds = sorted(r['tok_s'] for r in records if r['type'] == 'train' and r['step'] > 1)  # not warm-up
     model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     model.eval()
     row = dict(run=run['name'], n_layer=run['n_layer'], gated=run['gated'], target=run['target'],
@@ -101,11 +104,11 @@ def summarize(run, out_dir):
                flops_per_token=round(last['flops_per_token']),
                flops_per_token_no_skip=round(model.flops_per_token(0.0)),
                train_s=round(last['train_time'], 1),  # training wall time, evaluations excluded
-               train_tok_s=round(speeds[len(speeds) // 2]) if speeds else '',
+               train_us_per_token=round(1e6 * last['train_time'] / last['tokens'], 2),
+               eval_us_per_token=round(1e6 * last['eval_time'] / last['eval_tokens'], 2),
                decode_tok_s_skip='', decode_tok_s_no_skip='', layers_run='')
     if run['gated'] and not skip_decode:
-        tokens = min(256, model.config.block_size - 1)
-        (skipping, layers_run), (every_layer, _) = (decode_speed(model, tokens, s) for s in (True, False))
+        skipping, every_layer, layers_run = decode_speeds(model, min(256, model.config.block_size - 1))
         row.update(decode_tok_s_skip=round(skipping, 1), decode_tok_s_no_skip=round(every_layer, 1),
                    layers_run=round(layers_run, 2))
     print(f"== {run['name']}: val ce {row['val_ce']}, sparsity {row['sparsity']}", flush=True)
@@ -122,8 +125,8 @@ def write_results(name, command, rows):
         writer.writeheader()
         writer.writerows(rows)
     head = ['run', 'layers', 'gated', 'target', 'val CE', 'sparsity', 'fwd MFLOPs/token, skips counted',
-            'fwd MFLOPs/token, every layer', 'train s', 'train tok/s', 'decode tok/s, skipping',
-            'decode tok/s, every layer', 'layers run / decoded token']
+            'fwd MFLOPs/token, every layer', 'train s', 'train us/token', 'eval us/token',
+            'decode tok/s, skipping', 'decode tok/s, every layer', 'layers run / decoded token']
     lines = [f"Made by `{command}` on {stamp}.", '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = dict(r, gated='yes' if r['gated'] else 'no', flops_per_token=f"{r['flops_per_token'] / 1e6:.2f}",
@@ -143,24 +146,23 @@ def plot(rows, title, path):
     except ImportError:
         print('(matplotlib is not installed: no plot; `pip install matplotlib` for one)')
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     dense, gated = [r for r in rows if not r['gated']], [r for r in rows if r['gated']]
-    ax.plot([r['flops_per_token'] for r in dense], [r['val_ce'] for r in dense], 'o-', color='k',
-            label='dense, n_layer = 2, 4, ...')
-    for r in dense:
-        ax.annotate(str(r['n_layer']), (r['flops_per_token'], r['val_ce']), textcoords='offset points',
-                    xytext=(4, 4))
-    ax.scatter([r['flops_per_token'] for r in gated], [r['val_ce'] for r in gated], color='C3', zorder=3,
-               label='gated, skipped layers counted as free')
-    ax.scatter([r['flops_per_token_no_skip'] for r in gated], [r['val_ce'] for r in gated],
-               facecolors='none', edgecolors='C3', zorder=3, label='gated, every layer computed')
-    for r in gated:
-        ax.annotate(f"t={r['target']}", (r['flops_per_token'], r['val_ce']), textcoords='offset points',
-                    xytext=(4, -10))
-    ax.set_xlabel('estimated forward FLOPs per token')
-    ax.set_ylabel('validation cross-entropy')
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=8)
+    for ax, x, label in ((axes[0], 'flops_per_token', 'estimated forward FLOPs per token'),
+                         (axes[1], 'train_us_per_token', 'measured training time per token (us)')):
+        ax.plot([r[x] for r in dense], [r['val_ce'] for r in dense], 'o-', color='k',
+                label='dense, n_layer = 2, 4, ...')
+        ax.scatter([r[x] for r in gated], [r['val_ce'] for r in gated], color='C3', zorder=3,
+                   label='gated, skipped layers not computed')
+        for r in dense + gated:
+            ax.annotate(str(r['n_layer']) if not r['gated'] else f"t={r['target']}", (r[x], r['val_ce']),
+                        textcoords='offset points', xytext=(4, 4))
+        ax.set_xlabel(label)
+    axes[0].scatter([r['flops_per_token_no_skip'] for r in gated], [r['val_ce'] for r in gated],
+                    facecolors='none', edgecolors='C3', zorder=3, label='gated, counting every layer')
+    axes[0].set_ylabel('validation cross-entropy')
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -3,8 +3,9 @@ A transformer that learns to skip its middle layers: T. Lawson and L. Aitchison,
 to Skip the Middle Layers of Transformers" (2025), https://arxiv.org/abs/2506.21103.
 
 Read top to bottom: config, RMSNorm, rotary embeddings, attention, SwiGLU, the
-sandwich-norm block, the model with its gate heads, generation with a KV cache that
-really skips layers, the gate regularizer with its controllers, and checkpoints.
+sandwich-norm block, a block run on only the tokens that do not skip it, the model with its
+gate heads, generation with a KV cache that really skips layers, the gate regularizer with its
+controllers, and checkpoints.
 
 The idea in one picture (L = 6 layers, one token):
 
@@ -98,7 +99,7 @@ def rotary_tables(head_dim, length, theta):
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, H, T, hd); cos/sin: (T, hd) for the positions of x
+    # x: (B, H, T, hd); cos/sin: (T, hd) for the positions of x, or (B, 1, T, hd) when packed
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
@@ -205,6 +206,46 @@ class Block(nn.Module):
         return x + (f if g is None else (g * f).type_as(x))
 
 
+SKIP_BUCKET = 8  # packed lengths round up to a multiple of this in eager mode: little padding
+
+
+def run_active_tokens(block, x, cos, sin, g, eps, backend, keep_kv=False):
+    """The block on only the tokens whose gate g (B, T, 1) is > 0. Each row's active tokens are
+    packed in order, keep their own rotary positions, and are padded to the batch's longest row
+    (rounded up to a bucket); skipped tokens keep their stream and are absent from this layer's
+    attention, exactly as in decoding. Returns the new stream and, if keep_kv, the keys and
+    values at their original positions (None if the whole batch skips)."""
+    B, T, d = x.shape
+    active = g.squeeze(-1) > 0
+    longest = int(active.sum(1).max())  # the layer's one host sync (a graph break when compiled)
+    # coarser buckets where each new length compiles anew: torch.compile, and FlexAttention
+    # (compiled per shape, in blocks of 128)
+    bucket = 128 if backend == "flex" else 64 if torch.compiler.is_compiling() else SKIP_BUCKET
+    n = -(-longest // bucket) * bucket  # the packed length
+    if n >= T:  # packing would save nothing: the ordinary path, with skipped keys hidden for
+        # certain -- exp(-1e4) is exactly 0, and unlike -inf it leaves no softmax row empty
+        hidden = gate_bias(g.squeeze(-1), eps).masked_fill(~active, -1e4)
+        return block(x, cos, sin, g, hidden, backend)
+    if n == 0 and not torch.is_grad_enabled():
+        return x, None  # the whole batch skips this layer: nothing runs
+    # in training, a layer nobody runs still runs one padding slot (g = 0): its weights get zero
+    # gradients, as in the masked path, not None (which AdamW and DDP would treat differently)
+    n = max(n, 1)
+    # each row's active positions in order, then its skipped ones as padding: padding comes
+    # after every real token, so the causal mask hides it from them (and a padding query
+    # always sees itself, so no softmax row is empty)
+    pos = torch.argsort(~active, dim=1, stable=True)[:, :n]  # (B, n)
+    rows = pos[..., None].expand(-1, -1, d)
+    gp = g.gather(1, pos[..., None])  # padding slots hold skipped tokens: g = 0, a finite bias
+    out, (k, v) = block(x.gather(1, rows), cos[pos][:, None], sin[pos][:, None], gp,
+                        gate_bias(gp.squeeze(-1), eps), backend)
+    x = torch.where(active[..., None], x.scatter(1, rows, out), x)  # skipped tokens keep theirs
+    if keep_kv:  # back to their positions; skipped slots get padding keys, which the cache hides
+        slots = pos[:, None, :, None].expand_as(k)
+        k, v = (t.new_zeros(B, t.size(1), T, t.size(3)).scatter(2, slots, t) for t in (k, v))
+    return x, (k, v)
+
+
 # Dense bf16 tensor-core peak FLOP/s by a substring of the GPU's name, most specific first
 # (fp16 peak for cards without bf16), for GPT.mfu.
 PEAK_FLOPS = [
@@ -263,10 +304,11 @@ class GPT(nn.Module):
         use_flex = device.type == "cuda" and self.config.gated and flex_attention is not None
         return "flex" if use_flex else "sdpa"
 
-    def trunk(self, idx, keep_kv=False, resid_norms=False):
+    def trunk(self, idx, keep_kv=False, resid_norms=False, skip=False):
         """Embedding and all blocks. Returns the final residual stream (B, T, d), the gates
-        (L, B, T) or None, each layer's (keys, values) if keep_kv, and each layer's mean
-        residual-stream norm (L,) if resid_norms (None where not asked for)."""
+        (L, B, T) or None, each layer's (keys, values) if keep_kv (None for a layer the whole
+        batch skipped), and each layer's mean residual-stream norm (L,) if resid_norms (None
+        where not asked for). skip=True runs each layer only on the tokens whose gate is > 0."""
         B, T = idx.shape
         cfg = self.config
         if T > cfg.block_size:
@@ -276,12 +318,16 @@ class GPT(nn.Module):
         x = self.norm_in(self.tok_emb(idx))
         gates, kv, norms, m = [], [], [], 0.0
         for i, block in enumerate(self.blocks):
-            g = key_bias = None
+            g = None
             if cfg.gated:
                 g, m = self.layer_gate(i, x, m, gates)
                 gates.append(g)
-                key_bias = gate_bias(g.squeeze(-1), cfg.gate_eps)
-            x, layer_kv = block(x, cos, sin, g, key_bias, backend)
+            if skip and cfg.gated:
+                x, layer_kv = run_active_tokens(block, x, cos, sin, g, cfg.gate_eps, backend,
+                                                keep_kv)
+            else:
+                key_bias = None if g is None else gate_bias(g.squeeze(-1), cfg.gate_eps)
+                x, layer_kv = block(x, cos, sin, g, key_bias, backend)
             if keep_kv:
                 kv.append(layer_kv)
             if resid_norms:
@@ -289,11 +335,14 @@ class GPT(nn.Module):
         gates = torch.stack(gates).squeeze(-1) if cfg.gated else None
         return x, gates, (kv if keep_kv else None), (torch.stack(norms) if resid_norms else None)
 
-    def forward(self, idx, targets=None, resid_norms=False):
+    def forward(self, idx, targets=None, resid_norms=False, skip=False):
         """idx (B, T) -> logits (B, T, V), mean cross-entropy (or None), gates (L, B, T) or None;
         with resid_norms=True also each layer's mean residual-stream norm (L,), for evaluation
-        tables. The gate regularizer is not in the loss: add GateController.loss(gates)."""
-        x, gates, _, norms = self.trunk(idx, resid_norms=resid_norms)
+        tables. The gate regularizer is not in the loss: add GateController.loss(gates).
+        skip=True computes only the (token, layer) pairs whose gate is > 0. A closed gate's key
+        is then absent rather than biased by log(gate_eps): the same result up to float error,
+        unless attention scores are large enough to see through that bias."""
+        x, gates, _, norms = self.trunk(idx, resid_norms=resid_norms, skip=skip)
         logits = self.lm_head(self.norm_out(x))
         loss = None
         if targets is not None:
@@ -341,11 +390,11 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, return_gates=False, skip=True):
         """Sample max_new_tokens after the prompt idx (B, T) with a KV cache. The prompt is
-        prefilled in one pass; then each new token runs only the layers outside its skipped
-        span. temperature=0 is greedy. With return_gates, also returns the gates (L, B, T_out)
-        of every output position (None for a dense model). When the context reaches
-        block_size, the last block_size/2 tokens are prefilled again and decoding goes on.
-        skip=False runs every layer for every token (to measure what skipping saves)."""
+        prefilled in one pass; there, and for each new token, a token runs only the layers
+        outside its skipped span. temperature=0 is greedy. With return_gates, also returns the
+        gates (L, B, T_out) of every output position (None for a dense model). When the context
+        reaches block_size, the last block_size/2 tokens are prefilled again and decoding goes
+        on. skip=False runs every layer for every token (to measure what skipping saves)."""
         cfg = self.config
         if idx.size(1) > cfg.block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last "
@@ -353,7 +402,7 @@ class GPT(nn.Module):
             idx = idx[:, -cfg.block_size:]
         steps = max_new_tokens + (1 if return_gates else 0)  # one more pass: the last token's gates
         cache = KVCache(self, idx.size(0), min(cfg.block_size, idx.size(1) + steps), idx.device)
-        logits, gates = self.prefill(idx, cache)
+        logits, gates = self.prefill(idx, cache, skip)
         all_gates = [gates]
         for step in range(max_new_tokens):
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
@@ -362,7 +411,7 @@ class GPT(nn.Module):
                 break
             if cache.length == cache.size:  # context full: slide to the last half, prefill again
                 cache = KVCache(self, idx.size(0), cfg.block_size, idx.device)
-                logits, gates = self.prefill(idx[:, -(cfg.block_size // 2):], cache)
+                logits, gates = self.prefill(idx[:, -(cfg.block_size // 2):], cache, skip)
                 gates = None if gates is None else gates[:, :, -1:]
             else:
                 logits, gates = self.decode_one(next_id, cache, skip)
@@ -379,15 +428,19 @@ class GPT(nn.Module):
             logits[:, self.config.data_vocab_size:] = float("-inf")
         return logits
 
-    def prefill(self, idx, cache):
-        """The prompt through the ordinary masked forward pass, filling every layer's cache.
-        Returns last-position logits (B, V) and the gates (L, B, T)."""
-        x, gates, kv, _ = self.trunk(idx, keep_kv=True)
+    def prefill(self, idx, cache, skip=True):
+        """The prompt through one forward pass, filling every layer's cache. With skip, as in
+        decode_one, a (token, layer) whose gate is 0 is not computed and its slot gets bias
+        -inf. Returns last-position logits (B, V) and the gates (L, B, T)."""
+        x, gates, kv, _ = self.trunk(idx, keep_kv=True, skip=skip)
         T = idx.size(1)
-        for i, (k, v) in enumerate(kv):
-            cache.k[i][:, :, :T], cache.v[i][:, :, :T] = k, v
+        for i, layer_kv in enumerate(kv):
+            if layer_kv is not None:  # None: the whole batch skipped this layer
+                cache.k[i][:, :, :T], cache.v[i][:, :, :T] = layer_kv
             if gates is not None:
-                cache.bias[i][:, :T] = gate_bias(gates[i], self.config.gate_eps)
+                bias = gate_bias(gates[i], self.config.gate_eps)
+                skipped = (gates[i] == 0) & skip
+                cache.bias[i][:, :T] = bias.masked_fill(skipped, float("-inf"))
         cache.length = T
         return self.next_logits(x[:, -1]), gates
 

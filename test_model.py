@@ -493,6 +493,193 @@ def test_padding_ids_are_never_sampled():
         GPTConfig(vocab_size=64, data_vocab_size=65)
 
 
+# ------------------------------------------------------------------ real skipping (skip=True)
+
+def mixed_gates_model(**kw):
+    """Six layers. Ids 0 mod 4 skip every layer, 1 mod 4 layers 1-4, 2 mod 4 layers 2-3, and
+    3 mod 4 none; every gate that is not 0 lies strictly between 0 and 1 (gate head biases)."""
+    m = tiny(n_layer=6, **kw)
+    ids = torch.arange(V)
+    with torch.no_grad():
+        for i, head in enumerate(m.gate_heads):
+            m.tok_emb.weight[:, i] = torch.where(ids % 4 == i, 1.0, -1.0)
+            head.weight.normal_(0, 0.05)
+            head.weight[0, i] = 0.2
+            head.bias.fill_(0.8)
+    return m
+
+
+def mixed_batches():
+    """A random batch whose last row skips every layer, and a batch that runs the outer layers
+    with every token and in which every token skips the middle two."""
+    torch.manual_seed(3)
+    mixed = torch.randint(0, V, (4, 32))
+    mixed[3] = mixed[3] // 4 * 4
+    return {"mixed": mixed, "middle skipped": torch.randint(0, V // 4, (3, 32)) * 4 + 2}
+
+
+@pytest.mark.parametrize("bucket", [1, M.SKIP_BUCKET])
+@pytest.mark.parametrize("batch", ["mixed", "middle skipped"])
+def test_skip_path_equals_masked_path_with_gradients(monkeypatch, bucket, batch):
+    monkeypatch.setattr(M, "SKIP_BUCKET", bucket)
+    sdpa = F.scaled_dot_product_attention
+
+    def sdpa_no_empty_rows(q, k, v, attn_mask=None, **kw):
+        """Every query must see some key: a softmax over only -inf is NaN in many kernels
+        (torch's own SDPA now returns 0 there, which would hide the bug on this machine)."""
+        assert attn_mask is None or (attn_mask > float("-inf")).any(-1).all()
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa_no_empty_rows)
+    idx = mixed_batches()[batch]
+    results = {}
+    for skip in (False, True):
+        m = mixed_gates_model()
+        logits, loss, gates = m(idx, idx.roll(-1, 1), skip=skip)
+        loss.backward()
+        results[skip] = [logits, loss, gates] + [p.grad for p in m.parameters()]
+    gates = results[False][2]
+    runs = (gates > 0).flatten(1)  # (L, B * T)
+    if batch == "mixed":
+        assert ((gates > 0) & (gates < 1)).any() and 0.2 < (gates == 0).float().mean() < 0.8
+        assert not runs[:, -32:].any(), "the last row runs no layer at all"
+    else:
+        assert runs[[0, 1, 4, 5]].all() and not runs[[2, 3]].any()
+    for a, b in zip(results[False], results[True]):
+        assert b is not None and torch.isfinite(b).all()  # every weight gets a gradient
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert m.gate_heads[0].bias.grad.abs() > 0  # the gate heads learn through the skip path
+
+
+def test_skip_path_computes_only_active_tokens_plus_padding(monkeypatch):
+    """Rows reaching each layer's Q projection and FFN: per row, the batch's longest count of
+    active tokens at that layer (the packed length, bucket 1), every token where the whole
+    batch runs the layer, none where it skips it; and fewer pairs than the masked path."""
+    monkeypatch.setattr(M, "SKIP_BUCKET", 1)
+    m = mixed_gates_model()
+    for name, idx in mixed_batches().items():
+        B, T = idx.shape
+        with torch.no_grad():
+            _, _, gates = m(idx)
+        rows = {"wq": [], "ffn": []}
+        hooks = [mod.register_forward_hook(lambda mod, inp, out, key=key: rows[key].append(
+                     inp[0].shape[:2].numel()))
+                 for block in m.blocks for key, mod in (("wq", block.attn.wq), ("ffn", block.ffn))]
+        with torch.no_grad():
+            m(idx, skip=True)
+        for h in hooks:
+            h.remove()
+        longest = (gates > 0).sum(2).max(1).values  # (L,) the longest active row per layer
+        expected = [B * n for n in longest.tolist() if n > 0]
+        assert rows["wq"] == rows["ffn"] == expected, name
+        assert sum(expected) < gates.numel()
+        assert sum(expected) >= (gates > 0).sum()
+
+
+def test_skip_on_a_dense_model_is_the_dense_path():
+    m = tiny(gated=False)
+    idx = torch.randint(0, V, (2, 16))
+    a, loss_a, _ = m(idx, idx)
+    b, loss_b, gates = m(idx, idx, skip=True)
+    assert gates is None and torch.equal(a, b) and torch.equal(loss_a, loss_b)
+
+
+def test_prefill_skips_exactly_as_decoding_does():
+    """Prefill with skip fills the cache as decode_one would: a (token, layer) whose gate is 0
+    gets bias -inf, every other slot holds the token's own keys and values at its position
+    (as the masked prefill computes them). Decoding on from there gives the full forward
+    pass's logits and gates. The prompt takes each way through a layer: every token of a row
+    (the ordinary path), some (packed), none (layers 2-3, which the decoded tokens do run)."""
+    m = mixed_gates_model()
+    seq, P = mixed_batches()["mixed"], 24
+    seq[:, :P] = seq[:, :P] // 4 * 4 + seq[:, :P] % 3  # ids 0-2 mod 4: nobody runs layers 2-3
+    seq[0, :P] = seq[0, :P] // 4 * 4 + 1 + seq[0, :P] % 2  # row 0 runs all of layer 0
+    seq[3] = seq[3] // 4 * 4  # row 3 runs nothing at all
+    caches = {}
+    with torch.no_grad():
+        full_logits, _, full_gates = m(seq)
+        for skip in (False, True):
+            caches[skip] = M.KVCache(m, 4, 32, seq.device)
+            _, gates = m.prefill(seq[:, :P], caches[skip], skip=skip)
+            assert torch.allclose(gates, full_gates[:, :, :P], atol=1e-5)
+        step_logits = []
+        for t in range(P, 32):
+            logits, gates = m.decode_one(seq[:, t:t + 1], caches[True])
+            assert torch.allclose(gates.squeeze(-1), full_gates[:, :, t], atol=1e-5)
+            step_logits.append(logits)
+    assert torch.allclose(torch.stack(step_logits, 1), full_logits[:, P:], atol=1e-4)
+    runs = full_gates[:, :, :P] > 0
+    longest = runs.sum(2).max(1).values.tolist()
+    assert longest[0] == P and 0 < longest[1] <= P - M.SKIP_BUCKET and longest[2] == 0
+    assert not runs[:, 3].any() and (full_gates[2:4, :, P:] > 0).any()
+    masked, skipped = caches[False], caches[True]
+    for i in range(6):
+        run = runs[i]
+        assert torch.equal(skipped.bias[i][:, :P] == float("-inf"), ~run)
+        assert torch.allclose(skipped.bias[i][:, :P][run], masked.bias[i][:, :P][run], atol=1e-5)
+        for a, b in ((masked.k[i], skipped.k[i]), (masked.v[i], skipped.v[i])):
+            assert torch.allclose(a.transpose(1, 2)[:, :P][run], b.transpose(1, 2)[:, :P][run],
+                                  atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_with_skipping_prefill_matches_full_forward(temperature):
+    """A long prompt full of skipped tokens: prefill and decoding with skip produce the tokens
+    and gates of full forward passes, and the same as generate(skip=False)."""
+    m = mixed_gates_model()
+    prompt = mixed_batches()["mixed"][:, :20]
+    out, gates = m.generate(prompt, 12, temperature=temperature, return_gates=True,
+                            generator=torch.Generator().manual_seed(0))
+    assert (gates[:, :, :20] == 0).any() and (gates[:, :, :20] > 0).any()
+    expected = decode_without_cache(m, prompt, 12, temperature, torch.Generator().manual_seed(0))
+    assert torch.equal(out, expected)
+    assert torch.allclose(gates, m(out)[2], atol=1e-5)
+    again = m.generate(prompt, 12, temperature=temperature, skip=False,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("n_skipped", [3, 12])  # of 24: the ordinary path, and packed rows
+def test_skipped_tokens_are_exactly_invisible_with_skip(n_skipped):
+    """With skip=True a skipped key is absent, not merely biased by log(gate_eps): swapping
+    skipped tokens for other skipped tokens leaves every other position's logits bit for bit
+    the same, whether the layer packs its tokens or (nearly all active) takes the full path."""
+    m = skip_tokens_model(skip_ids=list(range(10)))
+    torch.manual_seed(4)
+    idx = torch.randint(10, V, (2, 24))
+    skipped = torch.zeros(2, 24, dtype=torch.bool)
+    skipped[:, torch.randperm(23)[:n_skipped] + 1] = True
+    a_idx = torch.where(skipped, torch.randint(0, 10, (2, 24)), idx)
+    b_idx = torch.where(skipped, (a_idx + 1) % 10, idx)
+    with torch.no_grad():
+        a, _, g = m(a_idx, skip=True)
+        b, _, _ = m(b_idx, skip=True)
+    assert torch.equal(g[0] == 0, skipped)
+    assert ((24 - n_skipped) > 24 - M.SKIP_BUCKET) == (n_skipped == 3)  # which path each takes
+    assert torch.equal(a[~skipped], b[~skipped])
+
+
+@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
+def test_skip_path_with_flex_attention():
+    """Packed rows through FlexAttention (lengths in buckets of 128, so 256 tokens here) give
+    the masked SDPA path's logits. The attention is sharp, so the masked reference hides
+    closed keys with a far smaller gate_eps: log(1e-6) alone would let them leak."""
+    m = mixed_gates_model(block_size=256)
+    with torch.no_grad():
+        for block in m.blocks:  # sharper attention, so that positions matter
+            block.attn.wq.weight.mul_(20)
+            block.attn.wk.weight.mul_(20)
+    torch.manual_seed(5)
+    idx = torch.randint(0, V // 4, (2, 256)) * 4 + (torch.rand(2, 256) < 0.2) * 2
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        m.config.gate_eps = 1e-30
+        a, _, g = m(idx)
+        m.config.gate_eps, m.config.attn_backend = 1e-6, "flex"
+        b, _, _ = m(idx, skip=True)
+    assert 0 < (g[1] > 0).sum(1).max() <= 128  # layer 1 runs packed rows of 128
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 def test_checkpoints_are_atomic_and_load_with_their_checks(tmp_path):

@@ -24,6 +24,12 @@ def test_bench_train_and_decode_print_their_tables():
     layers_run = float(out.split(" of 4 layers run per token")[0].rsplit(" ", 1)[1])
     assert 0 < layers_run < 4  # about half the tokens skip the middle two layers
     assert "KV cache speed-up" in out and "% of the ideal" in out
+    out = run("bench.py", "skip", "--n_layer=4", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
+              "--vocab_size=64", "--block_size=64", "--batch_size=2", "--steps=1", "--repeats=1")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| forward")]
+    assert [(r[0], r[1]) for r in rows] == [(p, f) for f in ("0%", "25%", "50%")
+                                            for p in ("| forward", "| forward + backward")]
+    assert [r[5] for r in rows] == ["1.00x"] * 2 + ["1.14x"] * 2 + ["1.33x"] * 2  # ideal speed-ups
 
 
 def test_bench_rejects_unknown_options():

@@ -210,6 +210,49 @@ def test_default_run_learns_and_leaves_a_usable_checkpoint(tmp_path):
     GPT(GPTConfig(**ckpt['model_args'])).load_state_dict(ckpt['model'])  # strict
 
 
+COUNT_PACKED = """
+import os, runpy, sys, torch
+sys.path.insert(0, os.getcwd())
+import model
+calls = {True: 0, False: 0}  # by torch.is_grad_enabled(): training, evaluation
+run_active_tokens = model.run_active_tokens
+def counted(*args, **kwargs):
+    calls[torch.is_grad_enabled()] += 1
+    return run_active_tokens(*args, **kwargs)
+model.run_active_tokens = counted
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+print(f"skip path: {calls[True]} layer calls in training, {calls[False]} in evaluation")
+"""
+
+
+def test_skip_true_trains_like_the_masked_path(tmp_path):
+    """--skip=true runs each layer only on its active tokens, in training and in evaluation,
+    with the same losses up to float error, and a checkpoint that does not depend on it."""
+    args = TINY + ['--n_layer=4', '--max_iters=30', '--eval_interval=15', '--ctrl_lr=0.5',
+                   f'--data_dir={DATA}']
+    masked, packed = str(tmp_path / 'masked'), str(tmp_path / 'packed')
+    (tmp_path / 'count_packed.py').write_text(COUNT_PACKED)
+    for out, skip in ((masked, 'false'), (packed, 'true')):
+        p = subprocess.run([sys.executable, str(tmp_path / 'count_packed.py'), *args, f'--skip={skip}',
+                            f'--out_dir={out}'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        calls = p.stdout.rsplit('skip path: ', 1)[1]
+        if skip == 'true':  # 30 steps x 4 layers; 3 evaluations x 8 batches x 4 layers
+            assert calls.startswith('120 layer calls in training, 96 in evaluation'), calls
+        else:
+            assert calls.startswith('0 layer calls in training, 0 in evaluation'), calls
+    a, b = records(masked, 'train'), records(packed, 'train')
+    assert max(r['sparsity'] for r in a) > 0.3  # many (token, layer) pairs skipped
+    assert [r['loss'] for r in b] == pytest.approx([r['loss'] for r in a], rel=1e-4)
+    ea, eb = records(masked, 'eval'), records(packed, 'eval')
+    assert [r['val_loss'] for r in eb] == pytest.approx([r['val_loss'] for r in ea], rel=1e-4)
+    ca, cb = load(masked), load(packed)
+    assert ca['model_args'] == cb['model_args'] and ca['model'].keys() == cb['model'].keys()
+    for k, v in ca['model'].items():
+        assert torch.allclose(v, cb['model'][k], atol=1e-4), k
+
+
 def test_dense_baseline_and_a_second_scratch_run(tmp_path):
     out = str(tmp_path / 'dense')
     run(TINY + ['--gated=false', '--n_layer=3', '--max_iters=3', '--eval_interval=3'], out)

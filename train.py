@@ -65,6 +65,7 @@ gated = True                   # False: a dense baseline (no gate heads, no cont
 gate_init = 'normal'           # 'normal', or 'zero' (a dense start whose heads never learn)
 gate_eps = 1e-6                # the attention key bias is log(max(g, gate_eps))
 attn_backend = 'auto'          # 'auto' (FlexAttention on CUDA when gated), 'sdpa', 'flex'
+skip = False                   # gated: run each layer only on the tokens whose gate is above 0
 # gate controller (the README lists the five rules)
 controller = 'proportional'    # or sparsity, sparsity_variance, adaptive, proportional_derivative
 ctrl_coef = 0.01               # the fixed mean coefficient of the two sparsity controllers
@@ -181,7 +182,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     model, ckpt = load_checkpoint(ckpt_path, 'cpu', model_args)
     harmless = ('out_dir', 'init_from', 'eval_interval', 'eval_only', 'log_interval', 'stop_iter',
-                'always_save_checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'compile')
+                'always_save_checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'compile', 'skip')
     changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in ckpt['config'].items()
                if k in config and v != config[k] and k not in harmless]
     if changed:
@@ -212,11 +213,10 @@ train_model = torch.compile(model) if use_compile else model
 if ddp:
     train_model = torch.nn.parallel.DistributedDataParallel(
         train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
-L = n_layer
 processes = f"ddp {torch.distributed.get_backend()}" if ddp else "single process"
 say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model {model_vocab}); "
     f"model {model.num_params() / 1e6:.2f}M non-embedding params, {'gated' if gated else 'dense'}, "
-    f"{L} layers; device {device} x {world} ({processes}), {dtype}, compile {use_compile}")
+    f"{n_layer} layers; device {device} x {world} ({processes}), {dtype}, compile {use_compile}")
 say(f"tokens per step {tokens_per_step:,} = {world} procs x {grad_accum} accum x {B} x {T}; "
     f"{max_iters} steps; fwd FLOPs/token dense {model.flops_per_token(0.0):.3g}")
 
@@ -224,8 +224,7 @@ say(f"tokens per step {tokens_per_step:,} = {world} procs x {grad_accum} accum x
 # schedule, statistics, evaluation, logging and checkpoints
 
 def get_lr(it):
-    """Linear warmup from warmup_start x over the first warmup_frac of max_iters, then cosine
-    down to min_lr_frac x."""
+    """Linear warmup from warmup_start x over warmup_frac of max_iters, cosine to min_lr_frac x."""
     if not decay_lr:
         return learning_rate
     warmup = int(warmup_frac * max_iters)
@@ -254,16 +253,16 @@ def evaluate():
     n_seq = (len(val_tokens) - 1) // T
     mine = list(range(rank, n_seq, world))
     f64 = torch.float32 if device.type == 'mps' else torch.float64  # long sums (MPS has no fp64)
-    sums = {k: torch.zeros(() if k in ('ce', 'tokens') else L, device=device, dtype=f64)
+    sums = {k: torch.zeros(() if k in ('ce', 'tokens') else n_layer, device=device, dtype=f64)
             for k in ('ce', 'tokens', 'gate_mean', 'gate_sq', 'gate_zero', 'resid_norm')}
     for i in range(0, len(mine), B):
         rows = np.stack([val_tokens[j * T:j * T + T + 1] for j in mine[i:i + B]]).astype(np.int64)
         rows = torch.from_numpy(rows).to(device)
         x, y = rows[:, :-1], rows[:, 1:]
         with autocast:  # the uncompiled model: an evaluation is too short to pay for compiling
-            _, ce, gates, resid_norm = model(x, y, resid_norms=True)
+            _, ce, gates, resid_norm = model(x, y, resid_norms=True, skip=skip)
         n = x.numel()
-        g = torch.ones(L, *x.shape, device=device, dtype=f64) if gates is None else gates.to(f64)
+        g = gates.to(f64) if gates is not None else torch.ones(n_layer, *x.shape).to(device, f64)
         sums['ce'] += ce.to(f64) * n
         sums['tokens'] += n
         sums['gate_mean'] += g.sum((1, 2))
@@ -273,13 +272,14 @@ def evaluate():
     model.train()
     s = sum_over_processes(sums)
     n, mean = s['tokens'], [v / s['tokens'] for v in s['gate_mean']]
-    layers = {'gate_mean': mean, 'gate_var': [max(0.0, q / n - m * m) for q, m in zip(s['gate_sq'], mean)],
-              'gate_zero': [v / n for v in s['gate_zero']], 'resid_norm': [v / n for v in s['resid_norm']]}
-    return s['ce'] / n, sum(layers['gate_zero']) / L, layers
+    var = [max(0.0, q / n - m * m) for q, m in zip(s['gate_sq'], mean)]
+    layers = {'gate_mean': mean, 'gate_var': var, 'gate_zero': [v / n for v in s['gate_zero']],
+              'resid_norm': [v / n for v in s['resid_norm']]}
+    return s['ce'] / n, sum(layers['gate_zero']) / n_layer, layers
 
 def layer_table(layers):
     """Per-layer statistics as rows of a table with one column per layer."""
-    rows = ['  layer     ' + ''.join(f'{i:>7d}' for i in range(L))]
+    rows = ['  layer     ' + ''.join(f'{i:>7d}' for i in range(n_layer))]
     for name, values in layers.items():
         rows.append(f'  {name:<10}' + ''.join(f'{v:>7.3f}' if v < 1e3 else f'{v:>7.0f}'
                                               for v in values))
@@ -317,23 +317,25 @@ def save(val_loss):
     last_saved = step
     say(f"saved {ckpt_path} (step {step})")
 
-def run_eval(may_save=True, force_save=False):
+def run_eval(force_save=False):
     """Evaluate, print and log it, and checkpoint (at step > 0) if the settings say so."""
     global best_val_loss
     t0 = time.time()
     val_loss, sparsity, layers = evaluate()
+    eval_time = time.time() - t0
     flops = model.flops_per_token(sparsity)
     improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
     say(f"eval step {step} | val ce {val_loss:.4f} | sparsity {sparsity:.3f} | fwd FLOPs/token "
         f"{flops:.3g} (dense {model.flops_per_token(0.0):.3g}) | train FLOPs {train_flops:.3g} in "
-        f"{train_time:.0f}s | eval {time.time() - t0:.1f}s\n" + layer_table(layers))
+        f"{train_time:.0f}s | eval {eval_time:.1f}s\n" + layer_table(layers))
     log({'type': 'eval', 'step': step, 'val_loss': val_loss, 'sparsity': sparsity,
          'flops_per_token': flops, 'train_flops': train_flops, 'train_time': train_time,
+         'eval_time': eval_time, 'eval_tokens': (len(val_tokens) - 1) // T * T,
          'tokens': step * tokens_per_step, **layers})
     if wandb:
         wandb.log({'val/loss': val_loss, 'val/sparsity': sparsity, 'val/flops_per_token': flops},
                   step=step)
-    if master and may_save and step > 0 and (improved or always_save_checkpoint or force_save):
+    if master and not eval_only and step > 0 and (improved or always_save_checkpoint or force_save):
         save(val_loss)
 
 os.makedirs(out_dir, exist_ok=True)
@@ -346,7 +348,7 @@ if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 if eval_only:
-    run_eval(may_save=False)
+    run_eval()
     sys.exit(0)
 
 stop_signal = []  # SIGTERM or Ctrl-C (preemption): finish the step, checkpoint, exit
@@ -356,8 +358,8 @@ def on_signal(signum, frame):
         raise KeyboardInterrupt
     stop_signal.append(signum)
 
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, on_signal)
 
 # -----------------------------------------------------------------------------
 # the training loop
@@ -377,7 +379,7 @@ while True:
         group['lr'] = lr
     t0 = time.time()
     # this step's averages over micro-steps and processes: each adds its share, then one sum
-    stats = {k: torch.zeros(L if k.startswith('gate') else (), device=device)
+    stats = {k: torch.zeros(n_layer if k.startswith('gate') else (), device=device)
              for k in ('ce', 'reg', 'gate_mean', 'gate_var', 'gate_zero', 'stop')}
     share = 1 / (grad_accum * world)
     for micro in range(grad_accum):
@@ -389,7 +391,7 @@ while True:
         last = not ddp or micro == grad_accum - 1
         with contextlib.nullcontext() if last else train_model.no_sync():
             with autocast:
-                _, ce, gates = train_model(x, y)
+                _, ce, gates = train_model(x, y, skip=skip)
                 reg = ctrl.loss(gates) if ctrl is not None else torch.zeros((), device=device)
             scaler.scale((ce + reg) / grad_accum).backward()
         stats['ce'] += ce.detach().float() * share
@@ -416,7 +418,7 @@ while True:
     sparsity = 0.0
     if ctrl is not None:  # the same inputs on every process, so the same state everywhere
         ctrl.update(*(torch.tensor(s[k], device=device) for k in ('gate_mean', 'gate_var')))
-        sparsity = sum(s['gate_zero']) / L
+        sparsity = sum(s['gate_zero']) / n_layer
     flops = model.flops_per_token(sparsity)
     train_flops += 3 * flops * tokens_per_step
     dt = time.time() - t0
@@ -443,7 +445,5 @@ while True:
 
 if wandb:
     wandb.finish()
-if log_file:
-    log_file.close()
 if ddp:
     torch.distributed.destroy_process_group()
