@@ -85,10 +85,6 @@ def seconds(fn, device):
     return time.perf_counter() - t0
 
 
-def median_seconds(fn, repeats, device):
-    return statistics.median(seconds(fn, device) for _ in range(repeats))
-
-
 def train_step(model, optimizer, ctrl, x, dtype):
     with torch.autocast(x.device.type, getattr(torch, dtype), dtype != 'float32'):
         _, loss, gates = model(x, x)

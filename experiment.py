@@ -92,7 +92,10 @@ def decode_speeds(model, tokens, repeats=7):
 def summarize(run, out_dir):
     """One results row from a finished run's log and checkpoint."""
     path = os.path.join(out_dir, 'log.jsonl')
-    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f]
     evals = [r for r in records if r['type'] == 'eval']
     if not evals:
         sys.exit(f"error: {path} has no evaluation; did the run finish?")
