@@ -5,12 +5,16 @@ Benchmarks, printed as tables you can paste into the README (device and date inc
     python bench.py decode   # decoding tokens/s: KV cache or not, skipped layers computed or not
     python bench.py skip     # forward and forward + backward: every (token, layer) computed and
                              # masked, or only those not skipped (skip=True), at 0/25/50% skipped
+    python bench.py run      # the default `python train.py` run itself: ms per step, gated with
+                             # and without skipping vs its dense twin (--gated=false)
 
 Settings are --key=value (below); e.g. the paper's size on a GPU:
     python bench.py train --n_layer=12 --n_embd=768 --n_head=12 --n_kv_head=12 --block_size=1024 \\
         --batch_size=16 --vocab_size=50304
 """
 import functools
+import math
+import os
 import platform
 import statistics
 import sys
@@ -18,10 +22,11 @@ import time
 
 import torch
 
-from configurator import configure, device_and_dtype
-from model import GPT, GateController, GPTConfig, KVCache
+from configurator import configure, device_and_dtype, settings_block
+from model import GPT, GateController, GPTConfig, KVCache, gate_moments
+from prepare import TokenStream, load_meta, prepare, shard_paths
 
-MODES = ('train', 'decode', 'skip')
+MODES = ('train', 'decode', 'skip', 'run')
 # settings
 n_layer = 6
 n_embd = 384
@@ -32,6 +37,7 @@ block_size = 256         # train, skip: tokens per sequence
 batch_size = 8           # train, skip: sequences per step
 steps = 5                # train, skip: steps per timed repeat
 repeats = 5              # timed repeats; tables show the median
+run_steps = 150          # run: steps of the default run to take; steps 50.. are timed
 context = 512            # decode: prompt tokens before the timed ones
 new_tokens = 32          # decode: tokens timed, one at a time
 skip_fraction = 0.5      # decode: share of the tokens whose gates close the middle layers
@@ -234,7 +240,70 @@ def bench_skip(model_args, B, T, steps, repeats, device, dtype, use_compile, see
                   f"{1e3 * statistics.median(times[True]):.1f} | {speedup:.2f}x | {ideal:.2f}x | {share} |")
 
 
+def bench_run(max_iters, device):
+    """The default `python train.py` run's training steps, cut to max_iters: train.py's default
+    settings, model, data, optimizer, learning-rate schedule and gate controller, as the dense
+    twin (--gated=false), gated on the masked path (--skip=false) and gated with skipping (the
+    default), stepping in turns on the same batches so that the machine's drifts hit all three
+    alike. Median ms per step over steps 50..max_iters (the gates need some steps to close),
+    and the median of the per-step ratios to dense."""
+    s = {}
+    exec(settings_block(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')), s)
+    data_dir = os.path.join('data', s['dataset'])
+    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        prepare(s['dataset'])
+    meta = load_meta(data_dir)
+    B, T, L = s['batch_size'], s['block_size'], s['n_layer']
+    runs = {}
+    for name, gated, skip in (('dense (--gated=false)', False, False),
+                              ('gated, masked (--skip=false)', True, False),
+                              ('gated, skipping (the default)', True, True)):
+        torch.manual_seed(s['seed'])
+        model = GPT(GPTConfig(vocab_size=-(-meta['vocab_size'] // 64) * 64, block_size=T,
+                              n_layer=L, n_head=s['n_head'], n_kv_head=s['n_kv_head'],
+                              n_embd=s['n_embd'], gated=gated)).to(device)
+        opt = model.configure_optimizer(s['learning_rate'], (s['beta1'], s['beta2']), 0.0,
+                                        device.type)
+        ctrl = GateController(s['controller'], L, lr=s['ctrl_lr'], device=device) if gated else None
+        stream = TokenStream(shard_paths(data_dir, 'train'), B, T, 0, 1, meta['vocab_size'])
+        runs[name] = dict(model=model, opt=opt, ctrl=ctrl, stream=stream, skip=skip, ms=[], zero=[])
+    warmup = int(s['warmup_frac'] * max_iters)
+    for it in range(max_iters):
+        lr = s['learning_rate'] * (s['warmup_start'] + (1 - s['warmup_start']) * it / warmup
+                                   if it < warmup else
+                                   0.5 * (1 + math.cos(math.pi * (it - warmup) / (max_iters - warmup))))
+        for r in runs.values():
+            t0 = time.perf_counter()
+            x, y = (torch.from_numpy(a).to(device) for a in r['stream'].next())
+            _, loss, gates = r['model'](x, y, skip=r['skip'])
+            if r['ctrl'] is not None:
+                loss = loss + r['ctrl'].loss(gates)
+            loss.backward()
+            for group in r['opt'].param_groups:
+                group['lr'] = lr
+            r['opt'].step()
+            r['opt'].zero_grad(set_to_none=True)
+            if r['ctrl'] is not None:
+                r['ctrl'].update(*gate_moments(gates))
+                r['zero'].append((gates == 0).float().mean().item())
+            sync(device)
+            r['ms'].append(1e3 * (time.perf_counter() - t0))
+    dense = runs['dense (--gated=false)']['ms'][50:]
+    print(f"# bench.py run on {stamp(device)}")
+    print(f"# the default run's training steps (train.py's defaults, cut to {max_iters} steps), the "
+          f"three variants in turns; medians over steps 50..{max_iters}")
+    print("| run | ms/step | sparsity | / dense (median of per-step ratios) |\n|---|---|---|---|")
+    for name, r in runs.items():
+        ms = r['ms'][50:]
+        ratio = statistics.median(a / b for a, b in zip(ms, dense))
+        zero = statistics.mean(r['zero'][50:]) if r['zero'] else 0.0
+        print(f"| {name} | {statistics.median(ms):.1f} | {zero:.3f} | {ratio:.2f} |")
+
+
 device, dtype = device_and_dtype(device, dtype)
+if mode == 'run':
+    bench_run(run_steps, device)
+    sys.exit(0)
 model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                   n_embd=n_embd, attn_backend=attn_backend)
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')

@@ -18,6 +18,7 @@ g_i, so once g_i hits 0 the token skips the whole symmetric span [i, L-1-i]: the
 adds nothing to it and no other token may attend to its key there.
 """
 
+import functools
 import math
 import os
 import re
@@ -56,6 +57,11 @@ class GPTConfig:
     # stay dense forever. Offered for experiments on a dense starting point, not for training.
     gate_init: str = "normal"
     gate_eps: float = 1e-6  # attention key bias is log(max(g, gate_eps))
+    # True: a closed gate also hides its token's key from the other tokens (the method as the
+    # paper states it). False: keys stay visible and only the updates are gated, which is how
+    # the authors' released models were trained (their bias, added at the query, changed nothing)
+    hide_closed_keys: bool = True
+    rope_scaling: bool = False  # Llama 3.1's rotary frequency scaling, if a released model has it
     attn_backend: str = "auto"  # "auto" (FlexAttention on CUDA when gated), "sdpa", "flex"
 
     def __post_init__(self):
@@ -84,15 +90,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x, scale=None):
+        """x (..., d) normalized and weighted, in x's dtype. scale (..., 1), if given, multiplies
+        each row too: a gate, folded into the per-row factor the norm computes anyway, which
+        costs a (B, T, 1) multiply where a gate times the output would cost a (B, T, d) one."""
         x32 = x.float()  # fp32 even under bf16 autocast: the mean of squares needs the range
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = x32 * (r if scale is None else r * scale)
         return (y * self.weight.float()).type_as(x)
 
 
-def rotary_tables(head_dim, length, theta):
-    """cos/sin tables of shape (length, head_dim) for the rotate-half form of RoPE."""
+def rotary_tables(head_dim, length, theta, scaling=False):
+    """cos/sin tables of shape (length, head_dim) for the rotate-half form of RoPE. scaling:
+    Llama 3.1's frequency scaling (factor 8 for wavelengths over 8192 positions, none under
+    2048, a smooth blend between), as the authors' code offers it."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    if scaling:
+        wavelen = 2 * math.pi / inv_freq
+        blend = ((8192 / wavelen - 1) / 3).clamp(0, 1)  # 0 at 8192 positions, 1 at 2048
+        inv_freq = (1 - blend) * inv_freq / 8 + blend * inv_freq
     angles = torch.outer(torch.arange(length).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -104,31 +120,80 @@ def apply_rotary(x, cos, sin):
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
+CLOSED = -1e4  # the attention bias of a closed gate's key (see gate_bias)
+
+
 def gate_bias(g, eps):
-    """The attention bias of a key whose gate is g: log(max(g, eps)). 0 for an open gate,
-    log(eps) (about -14: no attention) for a closed one, and differentiable in between, so
-    the gate heads also learn from what hiding a key does to the other tokens."""
-    return torch.log(g.clamp_min(eps))
+    """The attention bias of a key whose gate is g, added to every query's score on that key:
+    log(max(g, eps)) for an open gate (0 at g = 1; differentiable, so the gate heads also learn
+    from what hiding a key does to the other tokens), and CLOSED = -1e4 for a closed one (g = 0).
+    A closed key's softmax weight is then exp(-1e4 + a score gap) = 0 exactly in float32,
+    bfloat16 and float16, for any gap below ~9,900: the key is hidden exactly as if it were
+    absent, which is how real skipping treats it. log(1e-6) = -14 alone would not do: trained
+    heads have score gaps larger than that. A finite -1e4 rather than -inf leaves no softmax row
+    empty (a closed query whose visible keys are all closed still gets a finite output, which
+    its gate of 0 then discards). The closed bias carries no gradient, as g = 0 has none."""
+    return torch.log(g.clamp_min(eps)).masked_fill(g == 0, CLOSED)
 
 
-_causal_block_masks = {}  # FlexAttention block masks, one per (length, device)
-_flex_compiled = None
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+_causal_block_masks = {}  # eager code's FlexAttention block masks, one per (length, device)
+
+
+def causal_block_mask(T, device):
+    """FlexAttention's causal block mask for length T. Traced code makes it inside the graph,
+    so a compiled model keeps no state that guards could depend on; eager code keeps one."""
+    if torch.compiler.is_compiling():
+        return create_block_mask(causal, None, None, T, T, device=device)
+    if (T, str(device)) not in _causal_block_masks:
+        _causal_block_masks[(T, str(device))] = create_block_mask(causal, None, None, T, T,
+                                                                  device=device)
+    return _causal_block_masks[(T, str(device))]
+
+
+@functools.cache
+def compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_kernel(device):
+    """The FlexAttention to call. In traced code, plain flex_attention: the compiled model's
+    graph fuses it. In eager code on CUDA (evaluation), the compiled kernel: FlexAttention is
+    fused only when compiled. That is made once, and only ever outside traced code: made inside,
+    torch.compile would be a no-op, and every later eager call would run the unfused reference.
+    On CPUs, eager FlexAttention: a slow reference, for tests."""
+    if torch.compiler.is_compiling() or device.type != "cuda":
+        return flex_attention
+    return compiled_flex()
 
 
 def flex_causal_with_key_bias(q, k, v, key_bias):
     """Causal attention with score[b, h, q, k] += key_bias[b, k], fused by FlexAttention."""
-    global _flex_compiled
-    T, device = q.size(2), q.device
-    if (T, device) not in _causal_block_masks:
-        causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
-        _causal_block_masks[(T, device)] = create_block_mask(causal, None, None, T, T,
-                                                             device=str(device))
     score_mod = lambda score, b, h, q_idx, kv_idx: score + key_bias[b, kv_idx]
-    if q.is_cuda and _flex_compiled is None:  # eager FlexAttention is a slow reference
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    attend = _flex_compiled if q.is_cuda else flex_attention
-    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_masks[(T, device)],
-                  enable_gqa=True)
+    return flex_kernel(q.device)(q, k, v, score_mod=score_mod, enable_gqa=True,
+                                 block_mask=causal_block_mask(q.size(2), q.device))
+
+
+BIAS_CHANNELS = 8  # extra channels that carry the key bias into SDPA's fused kernel
+
+
+def sdpa_causal_with_key_bias(q, k, v, key_bias):
+    """Causal attention (B, H, T, hd) with score[b, h, q, k] += key_bias[b, k], on SDPA's fused
+    causal kernel. The bias rides in one extra channel: q gains sqrt(hd) and k gains the bias, so
+    q.k / sqrt(hd) gains exactly the bias. (A float attn_mask would work too, but a mask that
+    needs a gradient sends SDPA to its slow unfused path, and the gate heads need that gradient.)
+    v gets extra channels too, since the fused kernels want one head dim for q, k and v; 8 of
+    them (7 zero), as they run fastest, and on CUDA only, at head dims in multiples of 8."""
+    hd, extra = q.size(-1), BIAS_CHANNELS
+    extra_q = F.pad(q.new_full((*q.shape[:-1], 1), hd ** 0.5), (0, extra - 1))
+    extra_k = F.pad(key_bias[:, None, :, None].expand(-1, k.size(1), -1, 1), (0, extra - 1))
+    heads = F.scaled_dot_product_attention(
+        torch.cat([q, extra_q], -1), torch.cat([k, extra_k.to(k.dtype)], -1),
+        F.pad(v, (0, extra)), is_causal=True, scale=hd ** -0.5, enable_gqa=True)
+    return heads[..., :hd]
 
 
 class Attention(nn.Module):
@@ -144,27 +209,27 @@ class Attention(nn.Module):
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return (apply_rotary(q, cos, sin), *self.kv(x, cos, sin))
+
+    def kv(self, x, cos, sin):
+        B, T, _ = x.shape
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, key_bias=None, backend="sdpa"):
         """Causal self-attention. Returns the heads (B, H, T, hd) before the output projection
-        and the keys and values (for a cache). key_bias (B, T) is added to the score of every
-        query on key position k -- indexed by the KEY, so a gate of 0 at k hides k from
-        everyone. (Indexed by the query it would be constant along each softmax row, which
-        softmax ignores: it would change nothing.)"""
+        and the keys and values (for a cache). key_bias (B, T) (see gate_bias) is added to the
+        score of every query on key position k -- indexed by the KEY, so a gate of 0 at k hides k
+        from everyone. (Indexed by the query it would be constant along each softmax row, which
+        softmax ignores: it would change nothing.) key_bias None: plain causal attention."""
         q, k, v = self.qkv(x, cos, sin)
         if key_bias is None:
             heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif backend == "flex":
             heads = flex_causal_with_key_bias(q, k, v, key_bias.float())
         else:
-            T = x.size(1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = key_bias[:, None, None, :].masked_fill(~causal, float("-inf"))  # (B, 1, T, T)
-            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
-                                                   enable_gqa=True)
+            heads = sdpa_causal_with_key_bias(q, k, v, key_bias)
         return heads, k, v
 
 
@@ -200,50 +265,83 @@ class Block(nn.Module):
     def finish(self, x, heads, g):
         """Everything after the attention scores: output projection, FFN, gated residuals."""
         B, H, T, hd = heads.shape
-        a = self.attn_post(self.attn.wo(heads.transpose(1, 2).reshape(B, T, H * hd)))
-        x = x + (a if g is None else (g * a).type_as(x))  # the stream keeps its dtype
-        f = self.ffn_post(self.ffn(self.ffn_pre(x)))
-        return x + (f if g is None else (g * f).type_as(x))
+        x = x + self.attn_post(self.attn.wo(heads.transpose(1, 2).reshape(B, T, H * hd)), g)
+        return x + self.ffn_post(self.ffn(self.ffn_pre(x)), g)  # g scales each update
 
 
-SKIP_BUCKET = 8  # packed lengths round up to a multiple of this in eager mode: little padding
+def layer_key_bias(g, eps):
+    """The attention key bias (B, T) of a layer whose gates are g (B, T, 1), or None when every
+    gate is exactly 1. Then the bias log(1) is all 0 and so is its gradient: g = 1 means every
+    gate head's relu so far sat at or below 0, where relu's gradient is 0, so no gradient flows
+    through g at all. None runs SDPA's fused causal kernel, the same function forward and
+    backward, only faster; after training, the outer layers often have only gates of 1. (The
+    check is a host sync, so compiled graphs skip it and keep the bias.)"""
+    if not torch.compiler.is_compiling() and not bool((g < 1).any()):
+        return None
+    return gate_bias(g.squeeze(-1), eps)
+
+
+SKIP_BUCKET = 8  # packed lengths round up to a multiple of this
 
 
 def run_active_tokens(block, x, cos, sin, g, eps, backend, keep_kv=False):
-    """The block on only the tokens whose gate g (B, T, 1) is > 0. Each row's active tokens are
-    packed in order, keep their own rotary positions, and are padded to the batch's longest row
-    (rounded up to a bucket); skipped tokens keep their stream and are absent from this layer's
-    attention, exactly as in decoding. Returns the new stream and, if keep_kv, the keys and
-    values at their original positions (None if the whole batch skips)."""
-    B, T, d = x.shape
+    """The block on only the tokens whose gate g (B, T, 1) is > 0, with one host sync. Skipped
+    tokens keep their stream and are absent from this layer's attention, exactly as in
+    decoding. Returns the new stream and, if keep_kv, the keys and values at their original
+    positions (None if the whole batch skips)."""
+    T = x.size(1)
     active = g.squeeze(-1) > 0
-    longest = int(active.sum(1).max())  # the layer's one host sync (a graph break when compiled)
-    # coarser buckets where each new length compiles anew: torch.compile, and FlexAttention
-    # (compiled per shape, in blocks of 128)
-    bucket = 128 if backend == "flex" else 64 if torch.compiler.is_compiling() else SKIP_BUCKET
-    n = -(-longest // bucket) * bucket  # the packed length
-    if n >= T:  # packing would save nothing: the ordinary path, with skipped keys hidden for
-        # certain -- exp(-1e4) is exactly 0, and unlike -inf it leaves no softmax row empty
-        hidden = gate_bias(g.squeeze(-1), eps).masked_fill(~active, -1e4)
-        return block(x, cos, sin, g, hidden, backend)
+    # the layer's one host sync: its longest row of active tokens, and how many gates are below 1
+    longest, n_below_one = torch.stack([active.sum(1).max(), (g < 1).sum()]).tolist()
+    if n_below_one == 0:  # every gate 1: no bias, the fused causal kernel (see layer_key_bias)
+        return block(x, cos, sin, g, None, backend)
+    n = -(-longest // SKIP_BUCKET) * SKIP_BUCKET  # the packed length
+    if n >= T:  # packing would save nothing: the ordinary path, closed keys hidden by their bias
+        return block(x, cos, sin, g, gate_bias(g.squeeze(-1), eps), backend)
     if n == 0 and not torch.is_grad_enabled():
         return x, None  # the whole batch skips this layer: nothing runs
     # in training, a layer nobody runs still runs one padding slot (g = 0): its weights get zero
     # gradients, as in the masked path, not None (which AdamW and DDP would treat differently)
-    n = max(n, 1)
-    # each row's active positions in order, then its skipped ones as padding: padding comes
-    # after every real token, so the causal mask hides it from them (and a padding query
-    # always sees itself, so no softmax row is empty)
+    return run_packed(block, x, cos, sin, g, active, max(n, 1), eps, keep_kv)
+
+
+# The same, for compiled models: torch.compile leaves it to Python and compiles what it calls
+# (recursive=False). Traced, its host sync and its branches would split a graph in the middle
+# of the layer loop, and each branch would be compiled anew for each layer. Left to Python,
+# each compiled piece sees few shapes: the block at full length, with and without the bias,
+# and run_packed, whose packed length torch.compile makes dynamic after its first change.
+# (torch._disable_dynamo is torch.compiler.disable, without importing torch.compile's
+# machinery, seconds of start-up, until it is first used.)
+run_active_tokens_uncompiled = torch._disable_dynamo(run_active_tokens, recursive=False)
+
+
+def run_packed(block, x, cos, sin, g, active, n, eps, keep_kv):
+    """The block on rows of n packed tokens: each row's active tokens (B, T) in order, each
+    keeping its own rotary position, then its skipped ones as padding. Padding comes after every
+    real token, so the causal mask hides it from them (and a padding query sees itself, so no
+    softmax row is empty). Packed rows take SDPA, whatever the backend: FlexAttention would need
+    a block mask, and a compiled kernel, for every packed length."""
+    B, T, d = x.shape
     pos = torch.argsort(~active, dim=1, stable=True)[:, :n]  # (B, n)
-    rows = pos[..., None].expand(-1, -1, d)
-    gp = g.gather(1, pos[..., None])  # padding slots hold skipped tokens: g = 0, a finite bias
-    out, (k, v) = block(x.gather(1, rows), cos[pos][:, None], sin[pos][:, None], gp,
-                        gate_bias(gp.squeeze(-1), eps), backend)
-    x = torch.where(active[..., None], x.scatter(1, rows, out), x)  # skipped tokens keep theirs
+    flat = (pos + T * torch.arange(B, device=x.device)[:, None]).view(-1)  # rows of x (B*T, d)
+    gp = g.view(B * T, 1)[flat].view(B, n, 1)  # padding slots hold skipped tokens: g = 0
+    out, (k, v) = block(x.reshape(B * T, d)[flat].view(B, n, d), cos[pos][:, None],
+                        sin[pos][:, None], gp, gate_bias(gp.squeeze(-1), eps), "sdpa")
+    # back in place; padding slots hold skipped tokens, which their gate of 0 left as they were
+    x = x.reshape(B * T, d).index_copy(0, flat, out.reshape(B * n, d)).view(B, T, d)
     if keep_kv:  # back to their positions; skipped slots get padding keys, which the cache hides
         slots = pos[:, None, :, None].expand_as(k)
         k, v = (t.new_zeros(B, t.size(1), T, t.size(3)).scatter(2, slots, t) for t in (k, v))
     return x, (k, v)
+
+
+def next_gate(head, x, m):
+    """The gate (B, T, 1) of a layer i < L/2 from its gate head and the stream x entering it, and
+    the running sum m = relu(w_i . x + b_i) + m_{i-1}. (Layer L-1-i reuses the gate: the mirror.
+    The callers write that out rather than call a method taking i, which torch.compile would
+    compile once per layer when the layer loop runs in Python.)"""
+    m = F.relu(head(x)).float() + m
+    return 1.0 - m.clamp(0.0, 1.0), m
 
 
 # Dense bf16 tensor-core peak FLOP/s by a substring of the GPU's name, most specific first
@@ -269,7 +367,8 @@ class GPT(nn.Module):
         # one gate head per layer of the first half; the second half mirrors them
         self.gate_heads = (nn.ModuleList(nn.Linear(cfg.n_embd, 1) for _ in range(cfg.n_layer // 2))
                            if cfg.gated else None)
-        cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta,
+                                 cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -289,30 +388,36 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
 
-    def layer_gate(self, i, x, m, gates):
-        """Gate (B, T, 1) of layer i and the running sum m. The first half computes it from the
-        stream x entering the layer; layer L-1-i reuses gate i (the mirror)."""
-        L = self.config.n_layer
-        if i >= L // 2:
-            return gates[L - 1 - i], m
-        m = F.relu(self.gate_heads[i](x)).float() + m
-        return 1.0 - m.clamp(0.0, 1.0), m
-
     def attn_backend(self, device):
-        if self.config.attn_backend != "auto":
-            return self.config.attn_backend
-        use_flex = device.type == "cuda" and self.config.gated and flex_attention is not None
-        return "flex" if use_flex else "sdpa"
+        """'flex' or 'sdpa' on this device: 'auto' takes FlexAttention on CUDA for a gated model
+        where FlexAttention can run (torch >= 2.6; inductor's CUDA kernel needs a head dim of
+        16 or more), else SDPA. Raises ConfigError for an explicit 'flex' that cannot run."""
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        if device.type == "cuda" and head_dim < 16:
+            if cfg.attn_backend == "flex":
+                raise ConfigError(f"attn_backend='flex' needs a head dim n_embd/n_head of 16 or "
+                                  f"more on CUDA, got {head_dim}; use attn_backend='sdpa' or "
+                                  f"'auto'")
+            return "sdpa"
+        if cfg.attn_backend != "auto":
+            return cfg.attn_backend
+        return "flex" if device.type == "cuda" and cfg.gated and flex_attention else "sdpa"
 
-    def trunk(self, idx, keep_kv=False, resid_norms=False, skip=False):
+    def trunk(self, idx, keep_kv=False, resid_norms=False, skip=False, compiled=False):
         """Embedding and all blocks. Returns the final residual stream (B, T, d), the gates
         (L, B, T) or None, each layer's (keys, values) if keep_kv (None for a layer the whole
         batch skipped), and each layer's mean residual-stream norm (L,) if resid_norms (None
-        where not asked for). skip=True runs each layer only on the tokens whose gate is > 0."""
+        where not asked for). skip=True runs each layer only on the tokens whose gate is > 0.
+        compiled: called from a model under torch.compile (see forward)."""
         B, T = idx.shape
-        cfg = self.config
+        cfg, L = self.config, self.config.n_layer
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
+        if skip and cfg.gated and not cfg.hide_closed_keys:
+            raise ConfigError("skip=True needs hide_closed_keys=True: with closed keys visible, "
+                              "every token's key and value are needed in every layer; use "
+                              "skip=False")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         backend = self.attn_backend(idx.device)
         x = self.norm_in(self.tok_emb(idx))
@@ -320,13 +425,14 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             g = None
             if cfg.gated:
-                g, m = self.layer_gate(i, x, m, gates)
+                g, m = next_gate(self.gate_heads[i], x, m) if i < L // 2 else (gates[L - 1 - i], m)
                 gates.append(g)
             if skip and cfg.gated:
-                x, layer_kv = run_active_tokens(block, x, cos, sin, g, cfg.gate_eps, backend,
-                                                keep_kv)
+                run = run_active_tokens_uncompiled if compiled else run_active_tokens
+                x, layer_kv = run(block, x, cos, sin, g, cfg.gate_eps, backend, keep_kv)
             else:
-                key_bias = None if g is None else gate_bias(g.squeeze(-1), cfg.gate_eps)
+                hide = g is not None and cfg.hide_closed_keys
+                key_bias = layer_key_bias(g, cfg.gate_eps) if hide else None
                 x, layer_kv = block(x, cos, sin, g, key_bias, backend)
             if keep_kv:
                 kv.append(layer_kv)
@@ -339,10 +445,13 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V), mean cross-entropy (or None), gates (L, B, T) or None;
         with resid_norms=True also each layer's mean residual-stream norm (L,), for evaluation
         tables. The gate regularizer is not in the loss: add GateController.loss(gates).
-        skip=True computes only the (token, layer) pairs whose gate is > 0. A closed gate's key
-        is then absent rather than biased by log(gate_eps): the same result up to float error,
-        unless attention scores are large enough to see through that bias."""
-        x, gates, _, norms = self.trunk(idx, resid_norms=resid_norms, skip=skip)
+        skip=True computes only the (token, layer) pairs whose gate is > 0: the same function
+        (a closed gate's key is absent there, and hidden exactly by its bias here), up to float
+        rounding, for less compute."""
+        # torch.compile traces forward, where is_compiling() is True, but runs the skip path's
+        # layer loop in Python (its host syncs break the graph), where it is False: say so
+        x, gates, _, norms = self.trunk(idx, resid_norms=resid_norms, skip=skip,
+                                        compiled=torch.compiler.is_compiling())
         logits = self.lm_head(self.norm_out(x))
         loss = None
         if targets is not None:
@@ -354,7 +463,8 @@ class GPT(nn.Module):
         """Estimated forward FLOPs per token: every matmul as 2 flops per multiply-add (the
         attention scores and weighted sum over the full seq_len, as usually counted), plus
         norms and elementwise work. A skipped (token, layer) pair costs nothing, so the blocks
-        count (1 - sparsity) times. Training costs about 3x this (forward + backward)."""
+        count (1 - sparsity) times; with hide_closed_keys=False it still costs its key and value
+        (norm, projections, rotary). Training costs about 3x this (forward + backward)."""
         c = self.config
         T, d, V, h = seq_len or c.block_size, c.n_embd, c.vocab_size, 4 * c.n_embd
         kv_dim = c.n_kv_head * (d // c.n_head)
@@ -367,7 +477,9 @@ class GPT(nn.Module):
                  + 3 * 2 * d * h + 5 * h    # SwiGLU matmuls, silu and product
                  + 4 * norm + 4 * d)        # four norms, two gate products and residual adds
         gate_heads = (c.n_layer // 2) * (2 * d + 4) if c.gated else 0  # dot, bias, relu, sum, clamp
-        return norm + gate_heads + (1.0 - sparsity) * c.n_layer * block + norm + 2 * d * V
+        key_only = 0 if c.hide_closed_keys else norm + 2 * d * 2 * kv_dim + 3 * kv_dim
+        skipped = sparsity * c.n_layer * key_only
+        return norm + gate_heads + (1.0 - sparsity) * c.n_layer * block + skipped + norm + 2 * d * V
 
     def mfu(self, tokens_per_sec, device, sparsity=0.0, seq_len=None):
         """Model FLOPs utilization of training at tokens_per_sec: 3x the forward FLOPs (forward
@@ -375,6 +487,16 @@ class GPT(nn.Module):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         peak = next((flops for key, flops in PEAK_FLOPS if name and key in name), None)
         return 3 * self.flops_per_token(sparsity, seq_len) * tokens_per_sec / peak if peak else None
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder):
+        """One of the authors' released models: a Hugging Face hub id (e.g. tim-lawson/
+        skip-middle-fineweb-gated-target-end-0.6) or a local folder holding its config.json and
+        model.safetensors. A GPT in float32 on the CPU, with the semantics it was trained with
+        (hide_closed_keys=False). Raises CheckpointError (one line) if it cannot load. The
+        conversion lives in pretrained.py, beside this file."""
+        from pretrained import load_released
+        return load_released(name_or_folder)
 
     def configure_optimizer(self, learning_rate, betas, weight_decay, device_type, eps=1e-8):
         """AdamW; weight decay only on matrices (not norms or biases); fused kernel on CUDA."""
@@ -430,26 +552,28 @@ class GPT(nn.Module):
 
     def prefill(self, idx, cache, skip=True):
         """The prompt through one forward pass, filling every layer's cache. With skip, as in
-        decode_one, a (token, layer) whose gate is 0 is not computed and its slot gets bias
-        -inf. Returns last-position logits (B, V) and the gates (L, B, T)."""
-        x, gates, kv, _ = self.trunk(idx, keep_kv=True, skip=skip)
+        decode_one, a (token, layer) whose gate is 0 is not computed; either way its slot gets
+        the closed bias, which hides it. (With hide_closed_keys=False every pair is computed:
+        every key is needed.) Returns last-position logits (B, V) and the gates (L, B, T)."""
+        cfg = self.config
+        x, gates, kv, _ = self.trunk(idx, keep_kv=True, skip=skip and cfg.hide_closed_keys)
         T = idx.size(1)
         for i, layer_kv in enumerate(kv):
             if layer_kv is not None:  # None: the whole batch skipped this layer
                 cache.k[i][:, :, :T], cache.v[i][:, :, :T] = layer_kv
-            if gates is not None:
-                bias = gate_bias(gates[i], self.config.gate_eps)
-                skipped = (gates[i] == 0) & skip
-                cache.bias[i][:, :T] = bias.masked_fill(skipped, float("-inf"))
+            if gates is not None and cfg.hide_closed_keys:
+                cache.bias[i][:, :T] = gate_bias(gates[i], cfg.gate_eps)
         cache.length = T
         return self.next_logits(x[:, -1]), gates
 
     def decode_one(self, token, cache, skip=True):
         """One new token (B, 1) through the layers it does not skip, reading and extending the
         cache. A row whose gate is 0 at layer i gets no Q/K/V, no attention and no FFN there,
-        and its cache slot is hidden (bias -inf) from every later query in that layer.
-        skip=False computes every layer anyway (the masked path, for comparison)."""
-        cfg, pos = self.config, cache.length
+        and its cache slot is hidden (the closed bias) from every later query in that layer.
+        With hide_closed_keys=False its key stays visible: it gets its K and V there (from its
+        unchanged stream) and nothing else. skip=False computes every layer anyway (the masked
+        path, for comparison)."""
+        cfg, L, pos = self.config, self.config.n_layer, cache.length
         cos, sin = self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1]
         x = self.norm_in(self.tok_emb(token))
         B = x.size(0)
@@ -457,12 +581,17 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             rows, g = slice(None), None  # rows of the batch that run this layer
             if cfg.gated:
-                g, m = self.layer_gate(i, x, m, gates)
+                g, m = next_gate(self.gate_heads[i], x, m) if i < L // 2 else (gates[L - 1 - i], m)
                 gates.append(g)
                 active = g.view(B) > 0
                 n_active = int(active.sum()) if skip else B  # one host sync per layer
                 if n_active < B:  # some rows skip: hide their slot, run only the others
-                    cache.bias[i][:, pos] = float("-inf")
+                    if cfg.hide_closed_keys:
+                        cache.bias[i][:, pos] = CLOSED
+                    else:  # their key stays visible: their K and V, nothing else
+                        idle = (~active).nonzero().squeeze(1)
+                        k, v = block.attn.kv(block.attn_pre(x[idle]), cos, sin)
+                        cache.k[i][idle, :, pos], cache.v[i][idle, :, pos] = k[:, :, 0], v[:, :, 0]
                     if n_active == 0:
                         continue  # the whole batch skips this layer
                     rows = active.nonzero().squeeze(1)
@@ -471,7 +600,7 @@ class GPT(nn.Module):
             q, k, v = block.attn.qkv(block.attn_pre(xr), cos, sin)
             cache.k[i][rows, :, pos], cache.v[i][rows, :, pos] = k[:, :, 0], v[:, :, 0]
             mask = None
-            if g is not None:
+            if g is not None and cfg.hide_closed_keys:
                 cache.bias[i][rows, pos] = gate_bias(g.view(-1), cfg.gate_eps)
                 mask = cache.bias[i][rows, None, None, :pos + 1].to(q.dtype)
             heads = F.scaled_dot_product_attention(q, cache.k[i][rows, :, :pos + 1],
@@ -490,6 +619,8 @@ class KVCache:
     def __init__(self, model, batch, size, device):
         cfg = model.config
         hd, dtype = cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype
+        if torch.is_autocast_enabled(torch.device(device).type):  # K and V come in this dtype
+            dtype = torch.get_autocast_dtype(torch.device(device).type)
         self.size, self.length = size, 0
         shape = (batch, cfg.n_kv_head, size, hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]

@@ -353,7 +353,12 @@ def test_flops_per_token_matches_an_independent_count():
             m(torch.randint(0, V, (1, T)))
         per_module = {k: sum(v.values()) / T for k, v in counter.get_flop_counts().items()}
         block_matmuls = per_module["GPT.blocks.0"]
-        assert block_matmuls == 2 * d * (d + 2 * kv_dim) + 2 * 2 * T * d + 2 * d * d + 3 * 2 * d * hidden
+        # a gated block's key bias rides in extra channels of q, k and v (model.py,
+        # sdpa_causal_with_key_bias), 2 + 2 flops per score each, which the estimate counts as
+        # the one add per score they stand for
+        channel = 4 * M.BIAS_CHANNELS * H * T if gated else 0
+        assert block_matmuls - channel == 2 * d * (d + 2 * kv_dim) + 2 * 2 * T * d + 2 * d * d + 3 * 2 * d * hidden
+        block_matmuls -= channel
         norm = 4 * d
         block = (block_matmuls + 3 * (d + kv_dim)  # rotary on q and k
                  + 5 * H * T                       # softmax: bias, max, exp, sum, divide
@@ -493,6 +498,91 @@ def test_padding_ids_are_never_sampled():
         GPTConfig(vocab_size=64, data_vocab_size=65)
 
 
+# ------------------------------------------------------------------ a closed gate, exactly
+
+def peaked_model(n_layer, block_size=64):
+    """A gated model with sharp attention, as trained models have: linear weights of std
+    1/sqrt(fan_in), wq and wk doubled, norm weights 1 +- 0.3, and gate heads (weight std 0.08,
+    bias 0.15) that close about 40% of the (token, layer) pairs. Its score gaps exceed 14, so
+    a closed key biased by log(1e-6) alone would still be seen."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, block_size=block_size, n_layer=n_layer, n_head=4,
+                      n_kv_head=2, n_embd=128)).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.normal_(0, mod.in_features ** -0.5)
+            if isinstance(mod, M.RMSNorm):
+                mod.weight.uniform_(0.7, 1.3)
+        for block in m.blocks:
+            block.attn.wq.weight.mul_(2)
+            block.attn.wk.weight.mul_(2)
+        for head in m.gate_heads:
+            head.weight.normal_(0, 0.08)
+            head.bias.fill_(0.15)
+    return m
+
+
+def masked_vs_skip(m, idx):
+    """Largest logit difference between the masked path and skip=True, and the gates."""
+    with torch.no_grad():
+        a, _, gates = m(idx)
+        b, _, _ = m(idx, skip=True)
+    return (a - b).abs().max().item(), gates
+
+
+@pytest.mark.parametrize("n_layer", [4, 6])
+def test_masked_path_equals_real_skipping_with_sharp_attention(monkeypatch, n_layer):
+    """The masked path (every pair computed, closed keys biased), skip=True (closed pairs not
+    computed, their keys absent) and prefill + decoding give the same logits."""
+    m = peaked_model(n_layer)
+    torch.manual_seed(1)
+    idx = torch.randint(0, V, (3, 64))
+    diff, gates = masked_vs_skip(m, idx)
+    assert 0.25 < (gates == 0).float().mean() < 0.6 and ((gates > 0) & (gates < 1)).any()
+    assert diff < 1e-4
+    with torch.no_grad():
+        full, _, _ = m(idx)
+        cache = M.KVCache(m, 3, 64, idx.device)
+        steps = [m.prefill(idx[:, :16], cache)[0]]
+        steps += [m.decode_one(idx[:, t:t + 1], cache)[0] for t in range(16, 64)]
+    assert (torch.stack(steps, 1) - full[:, 15:]).abs().max() < 1e-4
+    # the same check fails when a closed key is only biased by log(gate_eps), as it once was
+    monkeypatch.setattr(M, "CLOSED", math.log(1e-6))
+    assert masked_vs_skip(m, idx)[0] > 1e-2
+
+
+@pytest.mark.parametrize("n_layer", [4, 6])
+def test_greedy_generate_equals_greedy_full_forwards_with_sharp_attention(n_layer):
+    m = peaked_model(n_layer)
+    prompt = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(2))
+    out, gates = m.generate(prompt, 40, temperature=0, return_gates=True)
+    assert (gates[:, :, 8:] == 0).float().mean() > 0.2  # the new tokens do skip
+    assert torch.equal(out, decode_without_cache(m, prompt, 40, 0.0, None))
+
+
+def test_closed_keys_are_exactly_invisible_in_bfloat16():
+    """Under bf16 autocast on the CPU, on the masked path and with skip=True: changing the
+    tokens whose gates are all 0 leaves every other position's logits bit for bit the same."""
+    m = skip_tokens_model(skip_ids=list(range(10)))
+    with torch.no_grad():
+        for block in m.blocks:  # sharp attention: scores far apart
+            block.attn.wq.weight.mul_(30)
+            block.attn.wk.weight.mul_(30)
+    torch.manual_seed(6)
+    idx = torch.randint(10, V, (2, 24))
+    skipped = torch.rand(2, 24) < 0.4
+    skipped[:, 0] = False
+    a_idx = torch.where(skipped, torch.randint(0, 10, (2, 24)), idx)
+    b_idx = torch.where(skipped, (a_idx + 1) % 10, idx)
+    for skip in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a, _, g = m(a_idx, skip=skip)
+            b, _, _ = m(b_idx, skip=skip)
+        assert a.dtype == torch.bfloat16 and torch.equal(g[0] == 0, skipped)
+        assert torch.equal(a[~skipped], b[~skipped]), skip
+
+
 # ------------------------------------------------------------------ real skipping (skip=True)
 
 def mixed_gates_model(**kw):
@@ -585,7 +675,7 @@ def test_skip_on_a_dense_model_is_the_dense_path():
 
 def test_prefill_skips_exactly_as_decoding_does():
     """Prefill with skip fills the cache as decode_one would: a (token, layer) whose gate is 0
-    gets bias -inf, every other slot holds the token's own keys and values at its position
+    gets the closed bias, every other slot holds the token's own keys and values at its position
     (as the masked prefill computes them). Decoding on from there gives the full forward
     pass's logits and gates. The prompt takes each way through a layer: every token of a row
     (the ordinary path), some (packed), none (layers 2-3, which the decoded tokens do run)."""
@@ -614,8 +704,8 @@ def test_prefill_skips_exactly_as_decoding_does():
     masked, skipped = caches[False], caches[True]
     for i in range(6):
         run = runs[i]
-        assert torch.equal(skipped.bias[i][:, :P] == float("-inf"), ~run)
-        assert torch.allclose(skipped.bias[i][:, :P][run], masked.bias[i][:, :P][run], atol=1e-5)
+        assert torch.equal(skipped.bias[i][:, :P] == M.CLOSED, ~run)
+        assert torch.allclose(skipped.bias[i][:, :P], masked.bias[i][:, :P], atol=1e-5)
         for a, b in ((masked.k[i], skipped.k[i]), (masked.v[i], skipped.v[i])):
             assert torch.allclose(a.transpose(1, 2)[:, :P][run], b.transpose(1, 2)[:, :P][run],
                                   atol=1e-5)
@@ -661,8 +751,7 @@ def test_skipped_tokens_are_exactly_invisible_with_skip(n_skipped):
 @pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
 def test_skip_path_with_flex_attention():
     """Packed rows through FlexAttention (lengths in buckets of 128, so 256 tokens here) give
-    the masked SDPA path's logits. The attention is sharp, so the masked reference hides
-    closed keys with a far smaller gate_eps: log(1e-6) alone would let them leak."""
+    the masked SDPA path's logits, with sharp attention."""
     m = mixed_gates_model(block_size=256)
     with torch.no_grad():
         for block in m.blocks:  # sharper attention, so that positions matter
@@ -672,9 +761,8 @@ def test_skip_path_with_flex_attention():
     idx = torch.randint(0, V // 4, (2, 256)) * 4 + (torch.rand(2, 256) < 0.2) * 2
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
-        m.config.gate_eps = 1e-30
         a, _, g = m(idx)
-        m.config.gate_eps, m.config.attn_backend = 1e-6, "flex"
+        m.config.attn_backend = "flex"
         b, _, _ = m(idx, skip=True)
     assert 0 < (g[1] > 0).sum(1).max() <= 128  # layer 1 runs packed rows of 128
     assert torch.allclose(a, b, atol=1e-5)

@@ -65,7 +65,9 @@ gated = True                   # False: a dense baseline (no gate heads, no cont
 gate_init = 'normal'           # 'normal', or 'zero' (a dense start whose heads never learn)
 gate_eps = 1e-6                # the attention key bias is log(max(g, gate_eps))
 attn_backend = 'auto'          # 'auto' (FlexAttention on CUDA when gated), 'sdpa', 'flex'
-skip = False                   # gated: run each layer only on the tokens whose gate is above 0
+skip = 'auto'                  # gated: run each layer only on the tokens whose gate is above 0
+                               # (the same function as the masked path 'false', less compute);
+                               # 'auto' = on when not compiled, 'true', 'false'
 # gate controller (the README lists the five rules)
 controller = 'proportional'    # or sparsity, sparsity_variance, adaptive, proportional_derivative
 ctrl_coef = 0.01               # the fixed mean coefficient of the two sparsity controllers
@@ -105,7 +107,8 @@ def need(ok, message):
 
 # the settings no other code checks (GPTConfig and GateController check their own)
 for name, allowed in (('init_from', 'scratch resume'), ('backend', 'auto nccl gloo'),
-                      ('compile', 'auto true false'), ('deterministic', 'auto true false')):
+                      ('compile', 'auto true false'), ('deterministic', 'auto true false'),
+                      ('skip', 'auto true false')):
     need(config[name] in allowed.split(), f"{name} must be one of {allowed}; got {config[name]!r}")
 for name in ('batch_size', 'eval_interval', 'log_interval', 'eval_tokens', 'learning_rate'):
     need(config[name] > 0, f"{name} must be positive, got {config[name]}")
@@ -138,6 +141,8 @@ if deterministic == 'true' or (deterministic == 'auto' and device.type == 'cpu')
 autocast = (contextlib.nullcontext() if dtype == 'float32' else
             torch.autocast(device.type, dtype=getattr(torch, dtype)))
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
+# packing syncs with the host once per layer, which breaks a compiled graph into pieces
+skip = gated and (skip == 'true' or (skip == 'auto' and not use_compile))
 
 # -----------------------------------------------------------------------------
 # data: a deterministic stream of train batches, and a fixed validation set
@@ -215,7 +220,8 @@ if ddp:
         train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
 processes = f"ddp {torch.distributed.get_backend()}" if ddp else "single process"
 say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model {model_vocab}); "
-    f"model {model.num_params() / 1e6:.2f}M non-embedding params, {'gated' if gated else 'dense'}, "
+    f"model {model.num_params() / 1e6:.2f}M non-embedding params, "
+    f"{('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'}, "
     f"{n_layer} layers; device {device} x {world} ({processes}), {dtype}, compile {use_compile}")
 say(f"tokens per step {tokens_per_step:,} = {world} procs x {grad_accum} accum x {B} x {T}; "
     f"{max_iters} steps; fwd FLOPs/token dense {model.flops_per_token(0.0):.3g}")
