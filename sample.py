@@ -1,10 +1,13 @@
 """
-Sample from a checkpoint written by train.py, with a KV cache and real layer skipping.
+Sample from a checkpoint written by train.py, or from one of the authors' released models, with
+a KV cache and real layer skipping.
 
     python sample.py                                   # out/ckpt.pt, a newline as the prompt
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=2 --max_new_tokens=300
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=50 --top_p=0.95
     python sample.py --show_skips                      # colour each token by the layers it ran
+    python sample.py --init_from=tim-lawson/skip-middle-fineweb-gated-target-end-0.6 \
+        --start="The meaning of life is" --show_skips   # a released model (see pretrained.py)
 
 It prints the samples, then tokens/s, the mean number of layers each new token ran, and the
 estimated compute saved versus running every layer.
@@ -16,10 +19,12 @@ import time
 import torch
 
 from configurator import configure, device_and_dtype
-from model import load_checkpoint
+from model import GPT, load_checkpoint
 from prepare import DataError, get_tokenizer
 
 # settings
+init_from = 'resume'     # 'resume': out_dir/ckpt.pt; or a released model: a Hugging Face hub
+                         # id (tim-lawson/skip-middle-...) or a folder (see pretrained.py)
 out_dir = 'out'          # the folder holding ckpt.pt
 start = '\n'             # the prompt, or FILE:path to read it from a file
 num_samples = 1
@@ -74,10 +79,18 @@ def histogram(gates, n_layer, width=40):
 
 device, dtype = device_and_dtype(device, dtype)
 torch.manual_seed(seed)
-model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
-model.to(dtype=getattr(torch, dtype)).eval()
+if init_from == 'resume':
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        sys.exit(f"error: --out_dir={out_dir} is a file, not a folder holding ckpt.pt")
+    model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+    meta, source = ckpt['meta'], f"{out_dir}/ckpt.pt (step {ckpt['step']})"
+else:  # the released models read GPT-2 tokens
+    model = GPT.from_pretrained(init_from).to(device)
+    meta, source = {'tokenizer': 'gpt2', 'vocab_size': 50257}, init_from
+model.eval()  # float32 weights; bf16/fp16 via autocast, the numerics training used
+autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != 'float32')
 cfg = model.config
-encode, decode = get_tokenizer(ckpt['meta'])
+encode, decode = get_tokenizer(meta)
 prompt = start
 if start.startswith('FILE:'):
     try:
@@ -85,17 +98,24 @@ if start.startswith('FILE:'):
             prompt = f.read()
     except OSError as e:
         raise DataError(f"--start={start}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"--start={start}: not UTF-8 text (bad byte at offset {e.start}); "
+                        f"convert it to UTF-8 first") from None
 ids = encode(prompt)
 if not ids:
     raise DataError("--start is empty after tokenizing: give at least one character")
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 color = sys.stdout.isatty() and not no_color
-print(f"# {out_dir}/ckpt.pt (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M non-embedding params, "
+if hasattr(sys.stdout, 'reconfigure'):  # a console that cannot show a character shows '?'
+    sys.stdout.reconfigure(errors='replace')
+print(f"# {source}, {model.num_params() / 1e6:.2f}M non-embedding params, "
       f"{'gated' if cfg.gated else 'dense'} n_layer={cfg.n_layer}, {device} {dtype}", file=sys.stderr)
 
 t0 = time.perf_counter()
-out, gates = model.generate(x, max_new_tokens, temperature, top_k or None, top_p,
-                            generator=torch.Generator(device=device).manual_seed(seed), return_gates=True)
+with autocast:
+    out, gates = model.generate(x, max_new_tokens, temperature, top_k or None, top_p,
+                                generator=torch.Generator(device=device).manual_seed(seed),
+                                return_gates=True)
 if device.type == 'cuda':
     torch.cuda.synchronize()
 seconds = time.perf_counter() - t0

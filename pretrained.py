@@ -1,0 +1,134 @@
+"""
+The authors' released models as GPTs of model.py: T. Lawson and L. Aitchison's FineWeb models
+on the Hugging Face hub (MIT licence), e.g. tim-lawson/skip-middle-fineweb-baseline-4-layers or
+tim-lawson/skip-middle-fineweb-gated-target-end-0.6. Use it through GPT.from_pretrained:
+
+    model = GPT.from_pretrained('tim-lawson/skip-middle-fineweb-gated-target-end-0.6')
+    model = GPT.from_pretrained('path/to/folder')    # holding config.json and model.safetensors
+
+A release is a folder with config.json (the fields of the authors' model config) and
+model.safetensors (every weight under 'model.', the token embedding in bfloat16). Loading it:
+- config.json's dim, n_layers, n_heads, n_kv_heads, vocab_size, norm_eps, rope_theta,
+  use_scaled_rope and max_seq_len become GPTConfig's fields. multiple_of and
+  ffn_dim_multiplier are unused by the authors' code too: its SwiGLU hidden size is 4 x dim,
+  as here. A model with gate heads (masks.i) is gated.
+- The weights are renamed to ours, all in float32.
+- Rotary embeddings: the release rotates interleaved pairs of channels (0, 1), (2, 3), ...;
+  model.py rotates halves (i, i + hd/2). Reordering the rows of wq and wk within each head as
+  [0, 2, ..., hd-2, 1, 3, ..., hd-1] turns one into the other and leaves every q.k unchanged.
+- Semantics: the release's gated models were trained with the gate bias added at the QUERY
+  position, which a softmax ignores, so a closed gate's key stayed visible to other tokens.
+  They load with hide_closed_keys=False and compute what they were trained to compute.
+Reading the files needs safetensors, and a hub id needs huggingface_hub; both are optional
+(`pip install safetensors huggingface_hub`) and imported only here.
+"""
+import json
+import os
+
+import torch
+
+from model import GPT, CheckpointError, GPTConfig
+
+FILES = ('config.json', 'model.safetensors')
+
+
+def download(repo_id):
+    """The local folder of a hub repo's config.json and model.safetensors (cached by
+    huggingface_hub). One-line CheckpointError when that cannot be done."""
+    if repo_id.count('/') != 1:
+        raise CheckpointError(f"{repo_id}: neither a folder holding {' and '.join(FILES)} nor "
+                              f"a Hugging Face hub id like tim-lawson/skip-middle-fineweb-"
+                              f"baseline-4-layers")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"loading {repo_id} from the Hugging Face hub needs "
+                              f"huggingface_hub: pip install huggingface_hub safetensors") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=list(FILES))
+    except Exception as e:  # offline, unknown repo, ...: many kinds, each many lines long
+        raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub "
+                              f"({type(e).__name__}); offline? pass a local folder holding "
+                              f"{' and '.join(FILES)} instead") from None
+
+
+def read_config(path):
+    """GPTConfig for the authors' config.json at path."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        return dict(vocab_size=c['vocab_size'], data_vocab_size=c['vocab_size'],
+                    block_size=c['max_seq_len'], n_layer=c['n_layers'], n_head=c['n_heads'],
+                    n_kv_head=c.get('n_kv_heads') or c['n_heads'], n_embd=c['dim'],
+                    rope_theta=float(c['rope_theta']), rope_scaling=bool(c['use_scaled_rope']),
+                    norm_eps=float(c['norm_eps']))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not the authors' model config ({type(e).__name__}: "
+                              f"{e}); expected their config.json") from None
+
+
+def ours(key):
+    """Our name for one of the release's weight names (without its 'model.' prefix)."""
+    parts = key.split('.')
+    if parts[0] == 'layers':
+        block = f"blocks.{parts[1]}."
+        rest = '.'.join(parts[2:])
+        for theirs, mine in (('attention.', 'attn.'), ('feed_forward.', 'ffn.'),
+                             ('pre_attention_norm.', 'attn_pre.'),
+                             ('post_attention_norm.', 'attn_post.'),
+                             ('pre_feed_forward_norm.', 'ffn_pre.'),
+                             ('post_feed_forward_norm.', 'ffn_post.')):
+            if rest.startswith(theirs):
+                return block + mine + rest[len(theirs):]
+    if parts[0] == 'masks':  # masks.i.linear.weight: the gate head of layer i
+        return f"gate_heads.{parts[1]}.{parts[3]}"
+    return {'tok_embeddings.weight': 'tok_emb.weight', 'input_norm.weight': 'norm_in.weight',
+            'output_norm.weight': 'norm_out.weight', 'output.weight': 'lm_head.weight'}.get(key, key)
+
+
+def rotate_half_rows(w, n_heads):
+    """wq or wk (n_heads * hd, d) with each head's rows as [0, 2, ..., hd-2, 1, 3, ..., hd-1]:
+    interleaved-pair rotary weights for rotate-half rotary embeddings."""
+    hd = w.size(0) // n_heads
+    order = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
+    return w.view(n_heads, hd, -1)[:, order].reshape_as(w)
+
+
+def load_released(name_or_folder):
+    """The authors' released model at name_or_folder (a folder, or a hub id) as a GPT in
+    float32 with hide_closed_keys=False. Raises CheckpointError (one line) if it cannot."""
+    folder = name_or_folder if os.path.isdir(name_or_folder) else download(name_or_folder)
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise CheckpointError(f"{folder}: no {' or '.join(missing)} there; a released model is "
+                              f"a folder holding {' and '.join(FILES)}")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError("reading the authors' model.safetensors needs safetensors: "
+                              "pip install safetensors") from None
+    weights = os.path.join(folder, 'model.safetensors')
+    try:
+        state = load_file(weights)
+    except Exception as e:  # not a safetensors file, truncated, ...
+        raise CheckpointError(f"{weights}: cannot read it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    args = read_config(os.path.join(folder, 'config.json'))
+    gated = any(k.startswith('model.masks.') for k in state)
+    model = GPT(GPTConfig(**args, gated=gated, hide_closed_keys=False))
+    converted = {}
+    for key, w in state.items():
+        if not key.startswith('model.'):
+            raise CheckpointError(f"{weights}: unexpected weight {key!r} (the release keeps "
+                                  f"every weight under 'model.')")
+        name = ours(key[len('model.'):])
+        if name.endswith(('attn.wq.weight', 'attn.wk.weight')):
+            heads = args['n_head'] if name.endswith('wq.weight') else args['n_kv_head']
+            w = rotate_half_rows(w, heads)
+        converted[name] = w.float()
+    try:
+        model.load_state_dict(converted)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: its weights do not fit its config.json "
+                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+    return model

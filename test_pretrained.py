@@ -1,0 +1,144 @@
+"""Tests of pretrained.py: the authors' released models, loaded without network.
+
+The fixture data/skip_middle_tiny/ was made once by the authors' own code
+(github.com/tim-lawson/skip-middle at commit 9b21b2d): their gated Transformer with dim 64,
+4 layers, 4 heads, 2 K/V heads, vocabulary 128, max_seq_len 32, their initialization after
+torch.manual_seed(0), then norm weights 1 + 0.2 N(0, 1), wq and wk times 3 and gate heads with
+weights 0.1 N(0, 1) and bias 0.4 (from a generator seeded with 2), so that 38.5% of the gates
+on the fixture batch are 0. It was saved as their Hugging Face upload saves it (config.json,
+model.safetensors with a bfloat16 embedding), and its logits and gates for a fixed batch come
+from their causal training path in float32. data/skip_middle_tiny/README.md has the details.
+"""
+
+import builtins
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+from safetensors.torch import load_file  # noqa: E402
+
+import model as M  # noqa: E402
+import pretrained as P  # noqa: E402
+from model import GPT, CheckpointError  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, "data", "skip_middle_tiny")
+
+
+def reference():
+    return load_file(os.path.join(FIXTURE, "reference_outputs.safetensors"))
+
+
+def largest_logit_difference(m):
+    ref = reference()
+    with torch.no_grad():
+        logits, _, _ = m(ref["idx"])
+    return (logits - ref["logits"]).abs().max().item()
+
+
+def test_released_model_matches_the_authors_code(monkeypatch):
+    m = GPT.from_pretrained(FIXTURE)
+    assert m.config.gated and not m.config.hide_closed_keys
+    assert m.tok_emb.weight.dtype == torch.float32  # stored as bfloat16
+    ref = reference()
+    assert (ref["gates"] == 0).float().mean() > 0.3
+    assert largest_logit_difference(m) < 1e-4
+    assert torch.allclose(m(ref["idx"])[2], ref["gates"], atol=1e-5)
+    # the same check fails without the rotary row order, or with closed keys hidden
+    monkeypatch.setattr(P, "rotate_half_rows", lambda w, n_heads: w)
+    assert largest_logit_difference(GPT.from_pretrained(FIXTURE)) > 1e-2
+    monkeypatch.undo()
+    hidden = GPT.from_pretrained(FIXTURE)
+    hidden.config.hide_closed_keys = True
+    assert largest_logit_difference(hidden) > 1e-2
+
+
+def test_released_model_generates_as_full_forwards_while_skipping():
+    """Greedy generation with the KV cache equals greedy full forward passes. A decoded token
+    whose gate is 0 computes only its key and value in those layers (its key stays visible)."""
+    m = GPT.from_pretrained(FIXTURE).eval()
+    prompt = reference()["idx"][:, :8]
+    out, gates = m.generate(prompt, 20, temperature=0, return_gates=True)
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _, _ = m(idx)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx)
+    assert (gates[:, :, 8:] == 0).any()
+
+
+def test_keys_visible_decoding_computes_keys_but_no_queries_for_skipped_tokens():
+    m = GPT.from_pretrained(FIXTURE).eval()
+    seq = reference()["idx"]
+    rows = {"wq": 0, "wk": 0}
+    with torch.no_grad():
+        _, _, gates = m(seq)
+        cache = M.KVCache(m, 2, 24, seq.device)
+        m.prefill(seq[:, :8], cache)
+        for block in m.blocks:
+            for name in rows:
+                getattr(block.attn, name).register_forward_hook(
+                    lambda mod, inp, out, name=name: rows.__setitem__(name, rows[name] + inp[0].size(0)))
+        for t in range(8, 24):
+            m.decode_one(seq[:, t:t + 1], cache)
+    decoded = gates[:, :, 8:]
+    assert rows["wk"] == decoded.numel()  # every (token, layer) gets its key and value
+    assert rows["wq"] == (decoded > 0).sum() < decoded.numel()  # only the open ones a query
+
+
+def test_skip_true_is_refused_when_keys_stay_visible():
+    m = GPT.from_pretrained(FIXTURE)
+    with pytest.raises(M.ConfigError, match="skip=True needs hide_closed_keys=True"):
+        m(reference()["idx"], skip=True)
+
+
+def test_scaled_rope_follows_llama_3_1():
+    """use_scaled_rope: frequencies with wavelengths under 2048 positions stay, over 8192 are
+    divided by 8, and in between blend linearly in 8192 / wavelength."""
+    import math
+    hd, theta = 64, 500000.0
+    plain = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
+    want = []
+    for f in plain.tolist():
+        wavelen = 2 * math.pi / f
+        s = (8192 / wavelen - 1) / 3
+        want.append(f if wavelen < 2048 else f / 8 if wavelen > 8192 else (1 - s) * f / 8 + s * f)
+    cos, sin = M.rotary_tables(hd, 2, theta, scaling=True)
+    got = torch.atan2(sin[1, :hd // 2], cos[1, :hd // 2]).double()  # position 1: angle = frequency
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.double), rtol=1e-4, atol=1e-7)
+    assert (got < plain.double() * 0.99).any() and (got > plain.double() * 0.99).any()
+
+
+def test_loading_errors_are_one_line(tmp_path, monkeypatch):
+    def one_line(call, *needles):
+        with pytest.raises(CheckpointError) as e:
+            call()
+        message = str(e.value)
+        assert "\n" not in message and all(n in message for n in needles), message
+    one_line(lambda: GPT.from_pretrained("nosuch"), "neither a folder", "hub id")
+    one_line(lambda: GPT.from_pretrained(str(tmp_path)), "no config.json or model.safetensors")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    one_line(lambda: GPT.from_pretrained("tim-lawson/skip-middle-fineweb-baseline-4-layers"),
+             "could not download", "pass a local folder")
+    real_import = builtins.__import__
+
+    def without_safetensors(name, *args, **kwargs):
+        if name.startswith("safetensors"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", without_safetensors)
+    one_line(lambda: GPT.from_pretrained(FIXTURE), "pip install safetensors")
+    monkeypatch.undo()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes(open(os.path.join(FIXTURE, name), "rb").read())
+    (tmp_path / "config.json").write_text('{"dim": 64}')
+    one_line(lambda: GPT.from_pretrained(str(tmp_path)), "config.json", "KeyError")
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    one_line(lambda: GPT.from_pretrained(str(tmp_path)), "model.safetensors", "cannot read it")
