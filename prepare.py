@@ -11,7 +11,8 @@ Turn a text source into token shards, with one command:
 Output (default data/NAME/): {name}_train_000000.bin ..., {name}_val_000000.bin ..., meta.json.
 Shard format (modded-nanogpt's): 256 x int32 header (magic 20240520, version 1, token count),
 then the tokens as uint16. The split is deterministic: val is the last --val_fraction of the
-file's bytes, starting at the first line break at or after that point (TinyStories and FineWeb
+file's bytes, starting at the first line break at or after that point, or, with no line break
+near it (text8 is one line), at the first character boundary there (TinyStories and FineWeb
 ship their own val files and use those). train.py reads data through the functions here
 (read_shard, TokenStream, first_tokens).
 """
@@ -295,20 +296,23 @@ def _decode(b, where, offset):
         raise DataError(f"{where}: not UTF-8 text (bad byte at offset {offset + e.start}); "
                         f"convert it to UTF-8 first") from None
 
-def _text_chunks(blocks, where, chunk_bytes):
+def _text_chunks(blocks, where, chunk_bytes, offset=0):
     """Re-cut byte blocks after their last line break, so no character, word or <|endoftext|>
     is split (GPT-2 never merges a newline into the next word). Memory stays ~chunk_bytes
-    whatever the file size."""
-    buf, offset = b'', 0
+    whatever the file size. offset: where the blocks start in the file, for error messages."""
+    buf = b''
     for block in blocks:
         buf += block
         cut = buf.rfind(b'\n') + 1
-        # a very long line: cut before a UTF-8 lead byte
+        # a very long line (text8 is one): cut before its last space, so a word and GPT-2's
+        # ' word' token stay whole; with no space, before a UTF-8 lead byte
         if cut == 0 and len(buf) > 4 * chunk_bytes:
-            cut = len(buf) - 1
-            while cut > 0 and buf[cut] & 0xC0 == 0x80:
-                cut -= 1
-            cut = cut or len(buf)  # no lead byte at all: not UTF-8, let _decode say so
+            cut = buf.rfind(b' ')
+            if cut <= 0:
+                cut = len(buf) - 1
+                while cut > 0 and buf[cut] & 0xC0 == 0x80:
+                    cut -= 1
+                cut = cut or len(buf)  # no lead byte at all: not UTF-8, let _decode say so
         if cut:
             yield _decode(buf[:cut], where, offset)
             buf, offset = buf[cut:], offset + cut
@@ -316,25 +320,35 @@ def _text_chunks(blocks, where, chunk_bytes):
         yield _decode(buf, where, offset)
 
 def _split_point(path, val_fraction):
-    """Byte offset where val starts: the first line start at or after (1 - val_fraction)
-    of the file."""
+    """(split, size, how): val is bytes split..size. split is the first line start at or after
+    (1 - val_fraction) of the file when one is near (within 64 KiB or 1% of the file, so val
+    stays about val_fraction), else the first character start there (text8 is one line)."""
     size = os.path.getsize(path)
     target = int(size * (1 - val_fraction))
-    split = size
+    near = max(1 << 16, size // 100)
+    split = None
     with open(path, 'rb') as f:
-        f.seek(max(target - 1, 0))
-        while target > 0:
+        f.seek(max(target - 1, 0))  # a line break just before target starts val at target
+        while f.tell() <= target + near:
             block = f.read(1 << 16)
-            if not block:
-                break
             if b'\n' in block:
                 split = f.tell() - len(block) + block.index(b'\n') + 1
                 break
-    if not 0 < split < size:
-        raise DataError(f"{path}: too small to cut the last {val_fraction:.0%} off at a line break "
-                        f"for validation "
-                        f"({size} bytes); use a longer text or another --val_fraction")
-    return split, size
+            if not block:
+                break
+        how = "moved forward to the next line start"
+        if split is None or split - target > near or split == size:
+            f.seek(target)
+            tail = f.read(4)  # a UTF-8 character has at most 3 continuation bytes
+            split = target + next((i for i, b in enumerate(tail) if b & 0xC0 != 0x80),
+                                  len(tail))
+            how = f"cut at a character boundary: no line break within {near} bytes after it"
+    if split >= size or split <= 0:
+        part = 'val' if split >= size else 'train'
+        raise DataError(f"{path}: too small to split ({size} bytes): the {part} part would be "
+                        f"empty; use a longer text or "
+                        f"{'a larger' if part == 'val' else 'a smaller'} --val_fraction")
+    return split, size, how
 
 def _write_split(chunks, encode, out_dir, name, split, shard_tokens, max_tokens):
     w = _ShardWriter(out_dir, name, split, shard_tokens)
@@ -487,6 +501,7 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
             train_blocks = _http_blocks(TINYSTORIES_URL.format('train'), chunk_bytes)
         encode = _array_encoder({'tokenizer': tokenizer, 'chars': None})
         val_blocks = _file_blocks(val_path, 0, os.path.getsize(val_path), chunk_bytes, 'val')
+        val_start = 0
         meta['source'], meta['split'] = (TINYSTORIES_URL.format('{train,valid}'),
                                          "TinyStories' own train and valid files")
         if max_tokens is not None:
@@ -505,12 +520,11 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
         else:
             raise DataError(f"unknown --source {source!r} for {name} "
                             f"(expected bundled or download)")
-        split, size = _split_point(path, val_fraction)
+        split, size, how = _split_point(path, val_fraction)
         meta['source'] = ('data/shakespeare.txt (bundled)' if path == BUNDLED else
                           TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
         meta['split'] = (f"val = bytes {split}..{size} of the source "
-                         f"(the last {val_fraction:.0%}, moved forward to "
-                         f"the next line start), train = bytes 0..{split}")
+                         f"(the last {val_fraction:.0%}, {how}), train = bytes 0..{split}")
         if max_tokens is not None:
             meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens of each"
         if tokenizer == 'char':  # a first streamed pass to find the characters
@@ -525,13 +539,14 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
         encode = _array_encoder({'tokenizer': tokenizer, 'chars': meta.get('chars'),
                                  'source': path})
         train_blocks = _file_blocks(path, 0, split, chunk_bytes, 'train')
-        val_blocks = _file_blocks(path, split, size, chunk_bytes, 'val')
+        val_blocks, val_start = _file_blocks(path, split, size, chunk_bytes, 'val'), split
 
     where = meta['source']
     _clear(out_dir, name)  # only now: a failed download above leaves earlier shards alone
     meta['train_tokens'] = _write_split(_text_chunks(train_blocks, where, chunk_bytes), encode,
                                         out_dir, name, 'train', shard_tokens, max_tokens)
-    meta['val_tokens'] = _write_split(_text_chunks(val_blocks, where, chunk_bytes), encode,
+    meta['val_tokens'] = _write_split(_text_chunks(val_blocks, where, chunk_bytes, val_start),
+                                      encode,
                                       out_dir, name, 'val', shard_tokens, val_cap)
     if not meta['train_tokens'] or not meta['val_tokens']:
         raise DataError(f"{where}: the train or val split came out empty; "

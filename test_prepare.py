@@ -161,8 +161,72 @@ def test_bad_text_inputs(tmp_path):
     (tmp_path / 'latin1.txt').write_bytes('caf\u00e9\n'.encode('latin-1') * 50)
     with pytest.raises(P.DataError, match='not UTF-8'):
         P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'latin1.txt'))
-    with pytest.raises(P.DataError, match='too small'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'one.txt', 'one line only'))
+    # too small: say which part would be empty ('\u00e9' is 2 bytes, cut only whole)
+    for text, part in [('a', 'train'), ('a\u00e9', 'val')]:
+        with pytest.raises(P.DataError) as e:
+            P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'small.txt', text))
+        assert f'the {part} part would be empty' in one_line_error(e)
+    # short, but both parts have something: that prepares
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'one.txt', 'one line only'))
+    assert (P.load_meta(out)['train_tokens'], P.load_meta(out)['val_tokens']) == (11, 2)
+
+def test_memory_stays_flat(tmp_path):
+    line = "Now is the winter of our discontent made glorious summer \u00e9\n"
+    src = write(tmp_path / 'big.txt', line * (4_000_000 // len(line.encode())))
+    size = os.path.getsize(src)
+    tracemalloc.start()
+    try:
+        out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, chunk_bytes=32 * 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    meta = P.load_meta(out)
+    assert meta['train_tokens'] + meta['val_tokens'] == size - size // len(line.encode())  # 'é' is 2 bytes, 1 char
+    assert peak < size / 4, f"peak {peak} bytes while preparing a {size}-byte file"
+
+# ---------------------------------------------------------------- one long line
+
+def test_one_line_corpus(tmp_path):
+    # text8 and enwik8 are one line: val starts at the character boundary after 90% of the bytes
+    words = 'anarchism originated as a term of abuse \u00e9\u20ac '
+    text = next(t for t in (words * n for n in range(7000, 7100))  # 90% is inside a character
+                if t.encode()[int(len(t.encode()) * 0.9)] & 0xC0 == 0x80)
+    src = write(tmp_path / 'oneline.txt', text)
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src)
+    meta = P.load_meta(out)
+    assert 'character boundary' in meta['split']
+    _, decode = P.get_tokenizer(meta)
+    train = decode(P.read_shard(P.shard_paths(out, 'train')[0]))
+    val = decode(P.read_shard(P.shard_paths(out, 'val')[0]))
+    assert train + val == text and 0.09 < len(val.encode()) / len(text.encode()) < 0.11
+    target = int(len(text.encode()) * 0.9)
+    assert 0 < len(train.encode()) - target < 3  # the next character start, no further
+    # a line break within reach of the cut is still used
+    src2 = write(tmp_path / 'late_break.txt', text[:len(train) + 100] + '\n' + text[len(train) + 100:])
+    assert 'next line start' in P.load_meta(P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src2))['split']
+
+def test_long_line_chunks_keep_characters_whole():
+    # a line longer than 4 * chunk_bytes is cut inside: never inside a character
+    for text in ('\u00e9\u20ac\U0001f600x' * 40, 'ab \u00e9\u20ac \U0001f600' * 40):
+        data = text.encode()
+        for chunk_bytes in (1, 2, 3, 5, 8):
+            for shift in range(4):
+                blocks = [data[:shift]] + [data[i:i + chunk_bytes] for i in range(shift, len(data), chunk_bytes)]
+                chunks = list(P._text_chunks(iter(blocks), 'where', chunk_bytes))
+                assert ''.join(chunks) == text and len(chunks) > 3
+                if ' ' in text and chunk_bytes > 1:  # ...and before a space, when the line has
+                    # one in reach (its words are shorter than 4 * chunk_bytes): words stay whole
+                    assert all(c.startswith(' ') for c in chunks[1:]), chunks[:3]
+
+def test_one_line_gpt2_tokens_do_not_depend_on_chunks(monkeypatch, tmp_path):
+    import tiktoken
+    enc = FakeEncoding()  # a token per word: a chunk cut inside a word would make two
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: enc)
+    text = 'the quick brown fox jumps over the lazy dog ' * 300
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', text),
+                    tokenizer='gpt2', chunk_bytes=64)
+    train = P.read_shard(P.shard_paths(out, 'train')[0]).tolist()
+    assert train == enc.encode(text.encode()[:int(len(text) * 0.9)].decode())
 
 def test_memory_stays_flat(tmp_path):
     line = "Now is the winter of our discontent made glorious summer \u00e9\n"
