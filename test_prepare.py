@@ -1,9 +1,11 @@
 """Tests for prepare.py. CPU only, no network: every download is faked with monkeypatch."""
-import json, os, re, tracemalloc
+import errno, io, json, os, re, subprocess, sys, time, tracemalloc
 import numpy as np
 import pytest
 import requests
 import prepare as P
+
+REPO = os.path.dirname(os.path.abspath(P.__file__))
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" \
        "Caf\u00e9 na\u00efve \u2014 \u00fcber\n" * 3 + "Last line without a newline"
@@ -395,3 +397,144 @@ def test_out_dir_with_another_dataset(tmp_path):
     with pytest.raises(P.DataError, match='another dataset'):
         P.prepare('text', out_dir=str(tmp_path), input=write(tmp_path / 'in.txt', TEXT))
     assert os.path.exists(tmp_path / 'fineweb_train_000001.bin')
+
+# ---------------------------------------------------------------- a full disk, concurrent runs
+
+FSIZE_CHILD = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit raises OSError EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # no file may grow past 100 kB
+P.main(sys.argv[2:])
+"""
+
+def files(folder):
+    return {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))}
+
+def test_full_disk_keeps_earlier_data(monkeypatch, tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT * 2000)  # ~300 kB: its train shard is over 100 kB
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, max_tokens=1000)
+    before = files(out)
+    r = subprocess.run([sys.executable, '-c', FSIZE_CHILD, REPO, 'text', '--input', src,
+                        '--out_dir', out], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1, r.stderr
+    assert r.stderr.startswith(f"error: {out}: could not write") and 'File too large' in r.stderr
+    assert files(out) == before  # no .tmp left, the earlier dataset intact
+    # meta.json is written last: a disk that fills there
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(P.json, 'dump', full)
+    with pytest.raises(P.DataError) as e:
+        P.prepare('text', out_dir=out, input=src)
+    msg = one_line_error(e)
+    assert msg.startswith(out) and 'No space left on device' in msg and files(out) == before
+    monkeypatch.undo()
+    # ...and while downloading: the .part stays for the next run to resume
+    class Full(io.BytesIO):
+        def write(self, b):
+            full()
+    monkeypatch.setattr(P, 'open', lambda *a, **k: Full(), raising=False)
+    monkeypatch.setattr(P.requests, 'get', lambda *a, **k: FakeResponse(b'x' * 100))
+    with pytest.raises(P.DataError) as e:
+        P.download('https://x/f.txt', str(tmp_path / 'f.txt'))
+    msg = one_line_error(e)
+    assert msg.startswith(str(tmp_path / 'f.txt.part')) and 'No space left' in msg and 'resume' in msg
+
+RACER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+out, ready = sys.argv[2], sys.argv[3]
+open(ready, 'w').close()
+while not os.path.exists(out + '.go'):  # start together
+    time.sleep(0.001)
+P.main(['shakespeare_char', '--out_dir', out])
+"""
+
+def test_concurrent_preparations_of_one_folder(tmp_path):
+    # every node of a multi-node job prepares the same folder on a shared filesystem at once
+    out = str(tmp_path / 'shakespeare_char')
+    text = open(P.BUNDLED, encoding='utf-8').read()
+    for round in range(5):
+        ready = [str(tmp_path / f'ready{round}{i}') for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, '-c', RACER, REPO, out, r], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in ready]
+        deadline = time.time() + 60
+        while not all(map(os.path.exists, ready)) and time.time() < deadline:
+            time.sleep(0.01)
+        open(out + '.go', 'w').close()
+        results = [p.communicate(timeout=120) for p in procs]
+        os.remove(out + '.go')
+        for p, (stdout, stderr) in zip(procs, results):
+            assert p.returncode == 0 and 'Traceback' not in stderr, stderr
+        # exactly one complete dataset: nothing else, nothing half
+        assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'shakespeare_char_train_000000.bin',
+                                           'shakespeare_char_val_000000.bin']
+        meta = P.load_meta(out)
+        train, val = (P.read_shard(P.shard_paths(out, s)[0], meta['vocab_size']) for s in ('train', 'val'))
+        assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens'])
+        assert np.array_equal(np.concatenate([train, val]), P._array_encoder(meta)(text))
+
+WAITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+if sys.argv[2] == 'prepare':
+    P.main(['shakespeare_char', '--out_dir', sys.argv[3], '--max_tokens', '1000'])
+else:
+    print('read vocab_size', P.load_meta(sys.argv[3])['vocab_size'])
+"""
+
+def test_waits_for_a_running_preparation_and_reuses_it(tmp_path):
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
+    meta, shard = os.path.join(out, 'meta.json'), P.shard_paths(out, 'train')[0]
+    inode = os.stat(shard).st_ino
+    logs = {k: str(tmp_path / f'{k}.log') for k in ('prepare', 'read')}
+    with P._locked(out):  # as if another preparation were writing the folder right now...
+        os.rename(meta, meta + '.aside')  # ...and swapping its shards in
+        procs = {k: subprocess.Popen([sys.executable, '-c', WAITER, REPO, k, out], stdout=open(log, 'w'),
+                                     stderr=subprocess.STDOUT) for k, log in logs.items()}
+        deadline = time.time() + 60
+        while time.time() < deadline and not all('waiting' in open(log).read() for log in logs.values()):
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs.values())  # both wait, neither failed
+        os.rename(meta + '.aside', meta)
+    for k, p in procs.items():
+        assert p.wait(timeout=60) == 0, open(logs[k]).read()
+    assert 'same command; using that' in open(logs['prepare']).read()
+    assert 'read vocab_size' in open(logs['read']).read()
+    assert os.stat(shard).st_ino == inode  # reused, not made again
+
+HOLDER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+with P._locked(sys.argv[2]):
+    os.mkdir(os.path.join(sys.argv[2], P.TMP_PREFIX + 'half'))  # as a preparation killed midway
+    print('locked', flush=True)
+    time.sleep(600)
+"""
+
+def test_killed_preparation_leaves_no_stale_lock(tmp_path):
+    out = str(tmp_path / 'sc')
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, '-c', HOLDER, REPO, out], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'locked\n'
+    holder.kill()
+    holder.wait()
+    # the lock died with its holder: this neither waits nor keeps the half-made folder
+    r = subprocess.run([sys.executable, '-c', WAITER, REPO, 'prepare', out], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and 'waiting' not in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'shakespeare_char_train_000000.bin',
+                                       'shakespeare_char_val_000000.bin']
+
+def test_filesystem_without_locks(monkeypatch, tmp_path, capsys):
+    # some NFS and Lustre mounts refuse flock: prepare anyway, and say so
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(P.fcntl, 'flock', no_locks)
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
+    assert 'cannot lock it (No locks available)' in capsys.readouterr().out
+    assert P.load_meta(out)['train_tokens'] == 1000
