@@ -83,7 +83,10 @@ def read_shard(path, vocab_size=None):
     if size < HEADER_INTS * 4:
         raise DataError(f"{path}: truncated shard ({size} bytes, shorter than its "
                         f"{HEADER_INTS * 4}-byte header); {fix}")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); {fix}") from None
     if header[0] != MAGIC:
         raise DataError(f"{path}: not a token shard (magic number {header[0]}, "
                         f"expected {MAGIC}); {fix}")
@@ -103,8 +106,8 @@ def read_shard(path, vocab_size=None):
     return tokens
 
 def load_meta(data_dir):
-    """meta.json of a prepared folder. If a preparation is writing the folder right now, waits
-    for it rather than failing."""
+    """meta.json of a prepared folder, checked for what train.py and sample.py use. If a
+    preparation is writing the folder right now, waits for it rather than failing."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data directory; run `{_rerun(data_dir)}`")
@@ -112,12 +115,39 @@ def load_meta(data_dir):
         _wait_for_preparation(data_dir)
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: not found (preparation never finished?); "
                         f"run `{_rerun(data_dir)}`") from None
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); run `{_rerun(data_dir)}`") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); "
+                        f"run `{_rerun(data_dir)}`") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{path}: {problem}; run `{_rerun(data_dir)}` to prepare it again")
+    return meta
+
+def _meta_problem(meta):
+    """What is wrong with a meta.json for the tokenizer and the model, or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    need = ['tokenizer', 'vocab_size'] + (['chars'] if meta.get('tokenizer') == 'char' else [])
+    missing = [repr(k) for k in need if k not in meta]
+    if missing:
+        return f"no {' or '.join(missing)} in it"
+    tok, vocab = meta['tokenizer'], meta['vocab_size']
+    if tok not in ('char', 'gpt2'):
+        return f"unknown tokenizer {tok!r} (expected char or gpt2)"
+    if type(vocab) is not int or not 0 < vocab <= 2**16:
+        return f"vocab_size {vocab!r} is not a whole number in 1..65536"
+    chars = meta.get('chars')
+    if tok == 'char' and not (isinstance(chars, list) and len(chars) == vocab
+                              and all(isinstance(c, str) and len(c) == 1 for c in chars)
+                              and chars == sorted(set(chars))):  # the encoder relies on the order
+        return f"'chars' is not a sorted list of {vocab} distinct characters (vocab_size)"
+    return None
 
 def shard_paths(data_dir, split):
     if not os.path.isdir(data_dir):
@@ -297,6 +327,8 @@ def _file_blocks(path, start, end, chunk_bytes, label):
                     break
                 bar.update(len(block))
                 yield block
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     finally:
         bar.close()
 
@@ -338,22 +370,25 @@ def _split_point(path, val_fraction):
     target = int(size * (1 - val_fraction))
     near = max(1 << 16, size // 100)
     split = None
-    with open(path, 'rb') as f:
-        f.seek(max(target - 1, 0))  # a line break just before target starts val at target
-        while f.tell() <= target + near:
-            block = f.read(1 << 16)
-            if b'\n' in block:
-                split = f.tell() - len(block) + block.index(b'\n') + 1
-                break
-            if not block:
-                break
-        how = "moved forward to the next line start"
-        if split is None or split - target > near or split == size:
-            f.seek(target)
-            tail = f.read(4)  # a UTF-8 character has at most 3 continuation bytes
-            split = target + next((i for i, b in enumerate(tail) if b & 0xC0 != 0x80),
-                                  len(tail))
-            how = f"cut at a character boundary: no line break within {near} bytes after it"
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(target - 1, 0))  # a line break just before target starts val at target
+            while f.tell() <= target + near:
+                block = f.read(1 << 16)
+                if b'\n' in block:
+                    split = f.tell() - len(block) + block.index(b'\n') + 1
+                    break
+                if not block:
+                    break
+            how = "moved forward to the next line start"
+            if split is None or split - target > near or split == size:
+                f.seek(target)
+                tail = f.read(4)  # a UTF-8 character has at most 3 continuation bytes
+                split = target + next((i for i, b in enumerate(tail) if b & 0xC0 != 0x80),
+                                      len(tail))
+                how = f"cut at a character boundary: no line break within {near} bytes after it"
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     if split >= size or split <= 0:
         part = 'val' if split >= size else 'train'
         raise DataError(f"{path}: too small to split ({size} bytes): the {part} part would be "
@@ -442,6 +477,17 @@ def _http_blocks(url, chunk_bytes):
 
 # -----------------------------------------------------------------------------
 # the output folder: one preparation at a time, and only ever a complete dataset in it
+
+def _out_dir_ready(out_dir):
+    """Creates out_dir and its parents, or says in one line why it cannot be used."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: is a file, not a folder (given as --out_dir); "
+                        f"pick another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot create it ({e.strerror}) (given as --out_dir); "
+                        f"pick another --out_dir") from None
 
 @contextlib.contextmanager
 def _locked(out_dir):
@@ -596,8 +642,18 @@ def _summary(out_dir, meta):
 def _check_input(input):
     if not input:
         raise DataError("`python prepare.py text` needs --input FILE (a UTF-8 text file)")
-    if not os.path.isfile(input):
+    if os.path.isdir(input):
+        raise DataError(f"{input}: is a directory, not a file (given as --input)")
+    if not os.path.exists(input):
         raise DataError(f"{input}: no such file (given as --input)")
+    if not os.path.isfile(input):
+        raise DataError(f"{input}: not a regular file (given as --input); give a text file")
+    try:
+        open(input, 'rb').close()
+    except OSError as e:
+        raise DataError(f"{input}: cannot read it ({e.strerror}) (given as --input)") from None
+    if os.path.getsize(input) == 0:
+        raise DataError(f"{input}: the file is empty (given as --input)")
 
 def _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction,
                 shard_tokens, chunk_bytes):
@@ -609,6 +665,10 @@ def _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction
     if shard_tokens < 1 or chunk_bytes < 1:
         raise DataError(f"--shard_tokens and --chunk_bytes must be positive, "
                         f"got {shard_tokens} and {chunk_bytes}")
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"--max_tokens must be positive, got {max_tokens}")
+    if shards < 1:
+        raise DataError(f"--shards must be at least 1, got {shards}")
     if name == 'fineweb10B':
         return 'gpt2'
     if name.startswith('shakespeare') and source not in ('bundled', 'download'):
@@ -708,7 +768,7 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
     out_dir = out_dir or os.path.join('data', name)
     cmd = _command(name, out_dir, source, input, tokenizer, max_tokens, shards, val_fraction,
                    shard_tokens, chunk_bytes)
-    os.makedirs(out_dir, exist_ok=True)
+    _out_dir_ready(out_dir)
     with _locked(out_dir) as waited:
         # another process just made this same dataset here (every node of a job calls prepare)
         if waited and _made_by(out_dir, cmd, os.path.abspath(input) if name == 'text' else None):

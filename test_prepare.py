@@ -156,35 +156,91 @@ def test_unknown_char(tmp_path):
     assert "'\u263a'" in one_line_error(e)
 
 def test_bad_text_inputs(tmp_path):
-    with pytest.raises(P.DataError, match='--input'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'))
-    with pytest.raises(P.DataError, match='no such file'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'missing.txt'))
+    out = str(tmp_path / 'o')
     (tmp_path / 'latin1.txt').write_bytes('caf\u00e9\n'.encode('latin-1') * 50)
-    with pytest.raises(P.DataError, match='not UTF-8'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'latin1.txt'))
-    # too small: say which part would be empty ('\u00e9' is 2 bytes, cut only whole)
-    for text, part in [('a', 'train'), ('a\u00e9', 'val')]:
+    cases = [(None, '--input FILE'), (str(tmp_path / 'missing.txt'), 'no such file'),
+             (str(tmp_path), 'is a directory'), ('/dev/null', 'not a regular file'),
+             (write(tmp_path / 'empty.txt', ''), 'the file is empty'),
+             (str(tmp_path / 'latin1.txt'), 'not UTF-8 text (bad byte at offset 3)'),
+             # too small: name which part would be empty ('\u00e9' is 2 bytes, cut only whole)
+             (write(tmp_path / 'a.txt', 'a'), 'the train part would be empty'),
+             (write(tmp_path / 'ae.txt', 'a\u00e9'), 'the val part would be empty')]
+    for src, what in cases:
         with pytest.raises(P.DataError) as e:
-            P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'small.txt', text))
-        assert f'the {part} part would be empty' in one_line_error(e)
+            P.prepare('text', out_dir=out, input=src)
+        msg = one_line_error(e)
+        assert what in msg and (src is None or msg.startswith(src)), msg
     # short, but both parts have something: that prepares
-    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'one.txt', 'one line only'))
+    P.prepare('text', out_dir=out, input=write(tmp_path / 'one.txt', 'one line only'))
     assert (P.load_meta(out)['train_tokens'], P.load_meta(out)['val_tokens']) == (11, 2)
 
-def test_memory_stays_flat(tmp_path):
-    line = "Now is the winter of our discontent made glorious summer \u00e9\n"
-    src = write(tmp_path / 'big.txt', line * (4_000_000 // len(line.encode())))
-    size = os.path.getsize(src)
-    tracemalloc.start()
+def test_bad_numbers(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    for opts, what in [({'max_tokens': 0}, '--max_tokens'), ({'max_tokens': -5}, '--max_tokens'),
+                       ({'val_fraction': 1.0}, '--val_fraction'), ({'shard_tokens': 0}, '--shard_tokens')]:
+        with pytest.raises(P.DataError) as e:
+            P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, **opts)
+        assert what in one_line_error(e)
+    with pytest.raises(P.DataError, match='--shards'):
+        P.prepare('fineweb10B', out_dir=str(tmp_path / 'o'), shards=0)
+    assert not (tmp_path / 'o').exists()  # checked before anything is written
+
+def test_bad_out_dirs(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    afile = write(tmp_path / 'afile', 'x')
+    for out, what in [(afile, 'is a file, not a folder'),
+                      (os.path.join(afile, 'sub'), 'Not a directory')]:
+        with pytest.raises(P.DataError) as e:
+            P.prepare('text', out_dir=out, input=src)
+        msg = one_line_error(e)
+        assert msg.startswith(out) and what in msg and '--out_dir' in msg
+    assert open(afile).read() == 'x'
+    deep = str(tmp_path / 'new' / 'deeper' / 'out')  # missing parents are made
+    P.prepare('text', out_dir=deep, input=src)
+    assert P.load_meta(deep)['train_tokens'] > 0
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the permissions")
+def test_permission_denied(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src)
+    meta, shard = os.path.join(out, 'meta.json'), P.shard_paths(out, 'train')[0]
+    ro = tmp_path / 'ro'; ro.mkdir()
+    for p in (src, meta, shard):
+        os.chmod(p, 0)
+    os.chmod(ro, 0o555)
     try:
-        out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, chunk_bytes=32 * 1024)
-        peak = tracemalloc.get_traced_memory()[1]
+        for fn, where, what in [(lambda: P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src), src, 'cannot read it'),
+                                (lambda: P.load_meta(out), meta, 'cannot read it'),
+                                (lambda: P.read_shard(shard), shard, 'cannot read it'),
+                                (lambda: P.prepare('shakespeare_char', out_dir=str(ro)), str(ro), 'cannot write there')]:
+            with pytest.raises(P.DataError) as e:
+                fn()
+            msg = one_line_error(e)
+            assert msg.startswith(where) and what in msg and 'Permission denied' in msg, msg
     finally:
-        tracemalloc.stop()
-    meta = P.load_meta(out)
-    assert meta['train_tokens'] + meta['val_tokens'] == size - size // len(line.encode())  # 'é' is 2 bytes, 1 char
-    assert peak < size / 4, f"peak {peak} bytes while preparing a {size}-byte file"
+        for p in (src, meta, shard, ro):
+            os.chmod(p, 0o755)
+
+def test_wrong_meta(tmp_path):
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'shakespeare_char'), max_tokens=100)
+    path = os.path.join(out, 'meta.json')
+    good = json.load(open(path))
+    drop = lambda k: {key: v for key, v in good.items() if key != k}
+    cases = [(drop('vocab_size'), "no 'vocab_size'"), (drop('tokenizer'), "no 'tokenizer'"),
+             (drop('chars'), "no 'chars'"), ({**good, 'tokenizer': 'bpe'}, "unknown tokenizer 'bpe'"),
+             ({**good, 'vocab_size': '80'}, "vocab_size '80'"),
+             ({**good, 'chars': good['chars'][::-1]}, "'chars' is not a sorted list"),
+             ({**good, 'vocab_size': 3}, "sorted list of 3"), ([1, 2], 'not a JSON object')]
+    for bad, what in cases:
+        with open(path, 'w') as f:
+            json.dump(bad, f)
+        with pytest.raises(P.DataError) as e:
+            P.load_meta(out)
+        msg = one_line_error(e)
+        assert msg.startswith(path) and what in msg and '`python prepare.py shakespeare_char' in msg, msg
+    with open(path, 'w') as f:
+        json.dump(good, f)
+    assert P.load_meta(out) == good
 
 # ---------------------------------------------------------------- one long line
 
