@@ -11,11 +11,17 @@ Turn a text source into token shards, with one command:
 Output (default data/NAME/): {name}_train_000000.bin ..., {name}_val_000000.bin ..., meta.json.
 Shard format (modded-nanogpt's): 256 x int32 header (magic 20240520, version 1, token count),
 then the tokens as uint16. The split is deterministic: val is the last --val_fraction of the
-file's bytes, starting at the first line break at or after that point (TinyStories and FineWeb
+file's bytes, starting at the first line break at or after that point, or, with no line break
+near it (text8 is one line), at the first character boundary there (TinyStories and FineWeb
 ship their own val files and use those). train.py reads data through the functions here
 (read_shard, TokenStream, first_tokens).
+
+Preparations of one folder may run at once (every node of a multi-node job): one holds the lock
+file OUT_DIR/.prepare.lock, the others wait and then reuse its result. Shards and meta.json are
+written in a private folder inside OUT_DIR and moved into place when complete, so a failure
+(a full disk, a bad byte) leaves the data that was there before.
 """
-import argparse, glob, json, os, sys, time
+import argparse, contextlib, fcntl, glob, json, os, shutil, sys, tempfile, time
 import numpy as np
 import requests
 
@@ -30,6 +36,8 @@ TINYSTORIES_URL = ('https://huggingface.co/datasets/roneneldan/TinyStories/resol
 FINEWEB_URL = 'https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/{}'
 SOURCES = ('shakespeare_char', 'shakespeare', 'tinystories', 'fineweb10B', 'text')
 OFFLINE_HINT = '`python prepare.py text --input FILE` works offline'
+LOCK = '.prepare.lock'  # in the output folder; held (flock) while a preparation writes there
+TMP_PREFIX = '.prepare-tmp-'  # private folders and files inside the output folder, while writing
 
 class DataError(ValueError):
     """A problem with the data; the message is one line naming the file and what to run."""
@@ -75,7 +83,10 @@ def read_shard(path, vocab_size=None):
     if size < HEADER_INTS * 4:
         raise DataError(f"{path}: truncated shard ({size} bytes, shorter than its "
                         f"{HEADER_INTS * 4}-byte header); {fix}")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); {fix}") from None
     if header[0] != MAGIC:
         raise DataError(f"{path}: not a token shard (magic number {header[0]}, "
                         f"expected {MAGIC}); {fix}")
@@ -95,17 +106,48 @@ def read_shard(path, vocab_size=None):
     return tokens
 
 def load_meta(data_dir):
+    """meta.json of a prepared folder, checked for what train.py and sample.py use. If a
+    preparation is writing the folder right now, waits for it rather than failing."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data directory; run `{_rerun(data_dir)}`")
+    if not os.path.exists(path):
+        _wait_for_preparation(data_dir)
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: not found (preparation never finished?); "
                         f"run `{_rerun(data_dir)}`") from None
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); run `{_rerun(data_dir)}`") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); "
+                        f"run `{_rerun(data_dir)}`") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{path}: {problem}; run `{_rerun(data_dir)}` to prepare it again")
+    return meta
+
+def _meta_problem(meta):
+    """What is wrong with a meta.json for the tokenizer and the model, or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    need = ['tokenizer', 'vocab_size'] + (['chars'] if meta.get('tokenizer') == 'char' else [])
+    missing = [repr(k) for k in need if k not in meta]
+    if missing:
+        return f"no {' or '.join(missing)} in it"
+    tok, vocab = meta['tokenizer'], meta['vocab_size']
+    if tok not in ('char', 'gpt2'):
+        return f"unknown tokenizer {tok!r} (expected char or gpt2)"
+    if type(vocab) is not int or not 0 < vocab <= 2**16:
+        return f"vocab_size {vocab!r} is not a whole number in 1..65536"
+    chars = meta.get('chars')
+    if tok == 'char' and not (isinstance(chars, list) and len(chars) == vocab
+                              and all(isinstance(c, str) and len(c) == 1 for c in chars)
+                              and chars == sorted(set(chars))):  # the encoder relies on the order
+        return f"'chars' is not a sorted list of {vocab} distinct characters (vocab_size)"
+    return None
 
 def shard_paths(data_dir, split):
     if not os.path.isdir(data_dir):
@@ -285,6 +327,8 @@ def _file_blocks(path, start, end, chunk_bytes, label):
                     break
                 bar.update(len(block))
                 yield block
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     finally:
         bar.close()
 
@@ -295,20 +339,23 @@ def _decode(b, where, offset):
         raise DataError(f"{where}: not UTF-8 text (bad byte at offset {offset + e.start}); "
                         f"convert it to UTF-8 first") from None
 
-def _text_chunks(blocks, where, chunk_bytes):
+def _text_chunks(blocks, where, chunk_bytes, offset=0):
     """Re-cut byte blocks after their last line break, so no character, word or <|endoftext|>
     is split (GPT-2 never merges a newline into the next word). Memory stays ~chunk_bytes
-    whatever the file size."""
-    buf, offset = b'', 0
+    whatever the file size. offset: where the blocks start in the file, for error messages."""
+    buf = b''
     for block in blocks:
         buf += block
         cut = buf.rfind(b'\n') + 1
-        # a very long line: cut before a UTF-8 lead byte
+        # a very long line (text8 is one): cut before its last space, so a word and GPT-2's
+        # ' word' token stay whole; with no space, before a UTF-8 lead byte
         if cut == 0 and len(buf) > 4 * chunk_bytes:
-            cut = len(buf) - 1
-            while cut > 0 and buf[cut] & 0xC0 == 0x80:
-                cut -= 1
-            cut = cut or len(buf)  # no lead byte at all: not UTF-8, let _decode say so
+            cut = buf.rfind(b' ')
+            if cut <= 0:
+                cut = len(buf) - 1
+                while cut > 0 and buf[cut] & 0xC0 == 0x80:
+                    cut -= 1
+                cut = cut or len(buf)  # no lead byte at all: not UTF-8, let _decode say so
         if cut:
             yield _decode(buf[:cut], where, offset)
             buf, offset = buf[cut:], offset + cut
@@ -316,25 +363,38 @@ def _text_chunks(blocks, where, chunk_bytes):
         yield _decode(buf, where, offset)
 
 def _split_point(path, val_fraction):
-    """Byte offset where val starts: the first line start at or after (1 - val_fraction)
-    of the file."""
+    """(split, size, how): val is bytes split..size. split is the first line start at or after
+    (1 - val_fraction) of the file when one is near (within 64 KiB or 1% of the file, so val
+    stays about val_fraction), else the first character start there (text8 is one line)."""
     size = os.path.getsize(path)
     target = int(size * (1 - val_fraction))
-    split = size
-    with open(path, 'rb') as f:
-        f.seek(max(target - 1, 0))
-        while target > 0:
-            block = f.read(1 << 16)
-            if not block:
-                break
-            if b'\n' in block:
-                split = f.tell() - len(block) + block.index(b'\n') + 1
-                break
-    if not 0 < split < size:
-        raise DataError(f"{path}: too small to cut the last {val_fraction:.0%} off at a line break "
-                        f"for validation "
-                        f"({size} bytes); use a longer text or another --val_fraction")
-    return split, size
+    near = max(1 << 16, size // 100)
+    split = None
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(target - 1, 0))  # a line break just before target starts val at target
+            while f.tell() <= target + near:
+                block = f.read(1 << 16)
+                if b'\n' in block:
+                    split = f.tell() - len(block) + block.index(b'\n') + 1
+                    break
+                if not block:
+                    break
+            how = "moved forward to the next line start"
+            if split is None or split - target > near or split == size:
+                f.seek(target)
+                tail = f.read(4)  # a UTF-8 character has at most 3 continuation bytes
+                split = target + next((i for i, b in enumerate(tail) if b & 0xC0 != 0x80),
+                                      len(tail))
+                how = f"cut at a character boundary: no line break within {near} bytes after it"
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    if split >= size or split <= 0:
+        part = 'val' if split >= size else 'train'
+        raise DataError(f"{path}: too small to split ({size} bytes): the {part} part would be "
+                        f"empty; use a longer text or "
+                        f"{'a larger' if part == 'val' else 'a smaller'} --val_fraction")
+    return split, size, how
 
 def _write_split(chunks, encode, out_dir, name, split, shard_tokens, max_tokens):
     w = _ShardWriter(out_dir, name, split, shard_tokens)
@@ -387,6 +447,9 @@ def download(url, path, check=None, chunk_bytes=1 << 20):
                 bar.close()
     except requests.RequestException as e:
         raise DataError(_offline(url, e)) from None
+    except OSError as e:  # a full disk: the .part stays, so the next run resumes
+        raise DataError(f"{tmp}: could not save the download ({e.strerror}); "
+                        f"make room and run the same command again to resume") from None
     if total > have and os.path.getsize(tmp) != total:
         raise DataError(f"download of {url} stopped at {os.path.getsize(tmp)} of {total} bytes; "
                         f"run the same command again to resume")
@@ -413,24 +476,188 @@ def _http_blocks(url, chunk_bytes):
         raise DataError(_offline(url, e)) from None
 
 # -----------------------------------------------------------------------------
-# the sources
+# the output folder: one preparation at a time, and only ever a complete dataset in it
 
-def _clear(out_dir, name):
-    """Remove our earlier output, so a rerun with fewer shards leaves no stale ones behind."""
-    if os.path.exists(os.path.join(out_dir, 'meta.json')):
-        # a half-made directory then reads as unprepared
-        os.remove(os.path.join(out_dir, 'meta.json'))
-    for split in ('train', 'val'):
-        for p in glob.glob(os.path.join(out_dir, f'*_{split}_*.bin')):
-            if not os.path.basename(p).startswith(f'{name}_{split}_'):
-                raise DataError(f"{out_dir}: already holds another dataset's shards "
-                                f"({os.path.basename(p)}); pick another --out_dir")
+def _out_dir_ready(out_dir):
+    """Creates out_dir and its parents, or says in one line why it cannot be used."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: is a file, not a folder (given as --out_dir); "
+                        f"pick another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot create it ({e.strerror}) (given as --out_dir); "
+                        f"pick another --out_dir") from None
+
+@contextlib.contextmanager
+def _locked(out_dir):
+    """Holds out_dir/.prepare.lock while this preparation writes there; yields True when another
+    one held it first and this one waited. With flock the OS drops the lock when its holder dies,
+    so a killed preparation leaves no stale lock (on NFS: when that client's lease ends)."""
+    path = os.path.join(out_dir, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write there ({e.strerror}); "
+                        f"make it writable or pick another --out_dir") from None
+    try:
+        locked, waited = True, False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{out_dir}: another prepare.py is writing it (it holds {path}); "
+                  f"waiting for it to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        except OSError as e:  # a filesystem without locks (NFS without lockd, Lustre without flock)
+            locked = False
+            print(f"note: {path}: cannot lock it ({e.strerror}); preparing without a lock, "
+                  f"so do not run two preparations of {out_dir} at once", flush=True)
+        if locked:
+            _remove_leftovers(out_dir)
+        yield waited
+    finally:
+        os.close(fd)  # releases the lock
+
+def _remove_leftovers(out_dir):
+    """With the lock held no one else writes here: private folders and .tmp files here are
+    left over from a killed preparation (older versions wrote shards as .tmp beside the others)."""
+    for p in glob.glob(os.path.join(out_dir, TMP_PREFIX + '*')):
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+    for p in (glob.glob(os.path.join(out_dir, '*_*_*.bin.tmp'))
+              + glob.glob(os.path.join(out_dir, 'meta.json.tmp'))):
+        with contextlib.suppress(OSError):
             os.remove(p)
 
-def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
-            max_tokens=None, shards=1,
-            val_fraction=0.1, shard_tokens=100_000_000, chunk_bytes=1 << 20):
-    """Does what `python prepare.py NAME ...` does; returns out_dir."""
+def _wait_for_preparation(data_dir):
+    """If a prepare.py is writing data_dir, waits until it is done: a reader may start while the
+    data is being made (the other ranks of a job whose first rank prepares it)."""
+    try:
+        fd = os.open(os.path.join(data_dir, LOCK), os.O_RDONLY)
+    except OSError:
+        return  # prepared by an older version, or never: nothing to wait for
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"{data_dir}: a prepare.py is writing it; waiting for it to finish", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        pass  # no locks on this filesystem
+    finally:
+        os.close(fd)
+
+def _made_by(out_dir, cmd, source):
+    """Whether out_dir holds a complete dataset made by this command (and from this source)."""
+    try:
+        with open(os.path.join(out_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        return meta['command'] == cmd and (source is None or meta['source'] == source)
+    except Exception:
+        return False
+
+def _foreign_shards(out_dir, prefix):
+    for split in ('train', 'val'):
+        for p in glob.glob(os.path.join(out_dir, f'*_{split}_*.bin')):
+            if not os.path.basename(p).startswith(f'{prefix}_{split}_'):
+                raise DataError(f"{out_dir}: already holds another dataset's shards "
+                                f"({os.path.basename(p)}); pick another --out_dir")
+
+def _install(tmp, out_dir):
+    """Moves the complete dataset in tmp into out_dir, leaving no stale shards of an earlier run.
+    meta.json goes first and comes back last: while shards are swapped the folder reads as
+    unprepared, and load_meta waits for the lock."""
+    new = sorted(f for f in os.listdir(tmp) if f != 'meta.json')
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, 'meta.json'))
+    for p in (glob.glob(os.path.join(out_dir, '*_train_*.bin'))
+              + glob.glob(os.path.join(out_dir, '*_val_*.bin'))):
+        if os.path.basename(p) not in new:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+    for f in new:
+        os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    os.replace(os.path.join(tmp, 'meta.json'), os.path.join(out_dir, 'meta.json'))
+
+def _write_dataset(out_dir, name, meta, train_chunks, val_chunks, encode, shard_tokens,
+                   max_tokens, val_cap):
+    """Writes shards and meta.json into a private folder inside out_dir, then moves them in:
+    a failure (a full disk, a bad byte) leaves out_dir as it was."""
+    tmp = None
+    try:
+        try:
+            tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir)
+            meta['train_tokens'] = _write_split(train_chunks, encode, tmp, name, 'train',
+                                                shard_tokens, max_tokens)
+            meta['val_tokens'] = _write_split(val_chunks, encode, tmp, name, 'val',
+                                              shard_tokens, val_cap)
+            if not meta['train_tokens'] or not meta['val_tokens']:
+                raise DataError(f"{meta['source']}: the train or val split came out empty; "
+                                f"use a longer text or another --val_fraction")
+            meta.update(vocab_size=len(meta['chars']) if meta['tokenizer'] == 'char' else 50257,
+                        shard_tokens=shard_tokens)
+            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+                json.dump(meta, f, indent=1)
+        except OSError as e:
+            raise DataError(f"{out_dir}: could not write the prepared data ({e.strerror}); "
+                            f"make room there and run the same command again "
+                            f"(the data already there is unchanged)") from None
+        try:
+            _install(tmp, out_dir)
+        except OSError as e:
+            raise DataError(f"{out_dir}: could not move the prepared data into place "
+                            f"({e.strerror}); run the same command again") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _summary(out_dir, meta)
+
+def _save_meta(out_dir, meta):
+    """Writes meta.json (aside first, then renamed: it marks the folder done)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=out_dir)
+        with os.fdopen(fd, 'w') as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(out_dir, 'meta.json'))
+    except OSError as e:
+        raise DataError(f"{out_dir}: could not write meta.json ({e.strerror}); "
+                        f"make room there and run the same command again") from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+    return _summary(out_dir, meta)
+
+def _summary(out_dir, meta):
+    print(f"{out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"{meta['tokenizer']} tokenizer, vocab_size {meta['vocab_size']}")
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# the sources
+
+def _check_input(input):
+    if not input:
+        raise DataError("`python prepare.py text` needs --input FILE (a UTF-8 text file)")
+    if os.path.isdir(input):
+        raise DataError(f"{input}: is a directory, not a file (given as --input)")
+    if not os.path.exists(input):
+        raise DataError(f"{input}: no such file (given as --input)")
+    if not os.path.isfile(input):
+        raise DataError(f"{input}: not a regular file (given as --input); give a text file")
+    try:
+        open(input, 'rb').close()
+    except OSError as e:
+        raise DataError(f"{input}: cannot read it ({e.strerror}) (given as --input)") from None
+    if os.path.getsize(input) == 0:
+        raise DataError(f"{input}: the file is empty (given as --input)")
+
+def _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction,
+                shard_tokens, chunk_bytes):
+    """One-line errors for bad arguments, before anything is written; returns the tokenizer."""
     if name not in SOURCES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
     if not 0 < val_fraction < 1:
@@ -438,117 +665,134 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
     if shard_tokens < 1 or chunk_bytes < 1:
         raise DataError(f"--shard_tokens and --chunk_bytes must be positive, "
                         f"got {shard_tokens} and {chunk_bytes}")
-    out_dir = out_dir or os.path.join('data', name)
-    cmd = ' '.join(['python prepare.py', name]
-                   + (['--source', source] if source != 'bundled' else [])
-                   + (['--input', input] if input else [])
-                   + (['--tokenizer', tokenizer] if tokenizer else [])
-                   + (['--max_tokens', str(max_tokens)] if max_tokens else [])
-                   + (['--shards', str(shards)] if name == 'fineweb10B' else [])
-                   + ([] if out_dir == os.path.join('data', name) else ['--out_dir', out_dir]))
-    meta = {'name': name, 'command': cmd}
-
-    if name == 'fineweb10B':  # already tokenized shards in our format: fetch and check them
-        os.makedirs(out_dir, exist_ok=True)
-        files = (['fineweb_val_000000.bin']
-                 + [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)])
-        for f in files:
-            download(FINEWEB_URL.format(f), os.path.join(out_dir, f), check=read_shard)
-        train, val = shard_paths(out_dir, 'train'), shard_paths(out_dir, 'val')
-        if len(train) > shards:
-            print(f"note: {out_dir} holds {len(train)} train shards "
-                  f"(more than --shards {shards}); all are used")
-        meta.update(tokenizer='gpt2', vocab_size=50257, source=FINEWEB_URL.format(''),
-                    train_tokens=sum(len(read_shard(p)) for p in train),
-                    val_tokens=sum(len(read_shard(p)) for p in val),
-                    split="FineWeb's own val shard (fineweb_val_000000.bin); train shards 000001..")
-        return _save_meta(out_dir, meta)
-
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"--max_tokens must be positive, got {max_tokens}")
+    if shards < 1:
+        raise DataError(f"--shards must be at least 1, got {shards}")
+    if name == 'fineweb10B':
+        return 'gpt2'
+    if name.startswith('shakespeare') and source not in ('bundled', 'download'):
+        raise DataError(f"unknown --source {source!r} for {name} (expected bundled or download)")
     tokenizer = tokenizer or ('char' if name in ('shakespeare_char', 'text') else 'gpt2')
     if tokenizer not in ('char', 'gpt2'):
         raise DataError(f"unknown --tokenizer {tokenizer!r} (expected char or gpt2)")
     if name == 'tinystories' and tokenizer != 'gpt2':
         raise DataError("tinystories is prepared with the gpt2 tokenizer only "
                         "(drop --tokenizer char)")
+    if name == 'text':
+        _check_input(input)
     if tokenizer == 'gpt2':
         _gpt2()  # fail before downloading anything
-    os.makedirs(out_dir, exist_ok=True)
-    val_cap = None if max_tokens is None else max(1, int(max_tokens * val_fraction))
+    return tokenizer
 
-    if name == 'tinystories':  # TinyStories has its own validation file; its train file is ~2 GB
-        val_path = download(TINYSTORIES_URL.format('valid'),
-                            os.path.join(out_dir, 'TinyStoriesV2-GPT4-valid.txt'))
-        train_path = os.path.join(out_dir, 'TinyStoriesV2-GPT4-train.txt')
-        if max_tokens is None or os.path.exists(train_path):
-            download(TINYSTORIES_URL.format('train'), train_path)
-            train_blocks = _file_blocks(train_path, 0, os.path.getsize(train_path),
-                                        chunk_bytes, 'train')
-        else:  # only the first part is wanted: tokenize it as it arrives and stop early
-            train_blocks = _http_blocks(TINYSTORIES_URL.format('train'), chunk_bytes)
-        encode = _array_encoder({'tokenizer': tokenizer, 'chars': None})
-        val_blocks = _file_blocks(val_path, 0, os.path.getsize(val_path), chunk_bytes, 'val')
-        meta['source'], meta['split'] = (TINYSTORIES_URL.format('{train,valid}'),
-                                         "TinyStories' own train and valid files")
-        if max_tokens is not None:
-            meta['split'] += f"; the first {max_tokens} train and {val_cap} val tokens"
-    else:
-        if name == 'text':
-            if not input:
-                raise DataError("`python prepare.py text` needs --input FILE (a UTF-8 text file)")
-            if not os.path.isfile(input):
-                raise DataError(f"{input}: no such file (given as --input)")
-            path = input
-        elif source == 'bundled':
-            path = BUNDLED
-        elif source == 'download':
-            path = download(TINY_SHAKESPEARE_URL, os.path.join(out_dir, 'input.txt'))
-        else:
-            raise DataError(f"unknown --source {source!r} for {name} "
-                            f"(expected bundled or download)")
-        split, size = _split_point(path, val_fraction)
-        meta['source'] = ('data/shakespeare.txt (bundled)' if path == BUNDLED else
-                          TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
-        meta['split'] = (f"val = bytes {split}..{size} of the source "
-                         f"(the last {val_fraction:.0%}, moved forward to "
-                         f"the next line start), train = bytes 0..{split}")
-        if max_tokens is not None:
-            meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens of each"
-        if tokenizer == 'char':  # a first streamed pass to find the characters
-            chars = set()
-            for text in _text_chunks(_file_blocks(path, 0, size, chunk_bytes, 'chars'),
-                                     path, chunk_bytes):
-                chars.update(text)
-            if len(chars) > 2**16:
-                raise DataError(f"{path}: {len(chars)} distinct characters do not fit "
-                                f"uint16 tokens; use --tokenizer gpt2")
-            meta['chars'] = sorted(chars)
-        encode = _array_encoder({'tokenizer': tokenizer, 'chars': meta.get('chars'),
-                                 'source': path})
-        train_blocks = _file_blocks(path, 0, split, chunk_bytes, 'train')
-        val_blocks = _file_blocks(path, split, size, chunk_bytes, 'val')
+def _command(name, out_dir, source, input, tokenizer, max_tokens, shards, val_fraction,
+             shard_tokens, chunk_bytes):
+    """The command line that makes this dataset again, with every option that changes it."""
+    text = name != 'fineweb10B'
+    return ' '.join(['python prepare.py', name]
+                    + (['--source', source] if source != 'bundled' else [])
+                    + (['--input', input] if input else [])
+                    + (['--tokenizer', tokenizer] if tokenizer else [])
+                    + (['--max_tokens', str(max_tokens)] if max_tokens else [])
+                    + (['--shards', str(shards)] if name == 'fineweb10B' else [])
+                    + (['--val_fraction', str(val_fraction)] if text and val_fraction != 0.1
+                       else [])
+                    + (['--shard_tokens', str(shard_tokens)]
+                       if text and shard_tokens != 100_000_000 else [])
+                    + (['--chunk_bytes', str(chunk_bytes)] if text and chunk_bytes != 1 << 20
+                       else [])
+                    + ([] if out_dir == os.path.join('data', name) else ['--out_dir', out_dir]))
 
-    where = meta['source']
-    _clear(out_dir, name)  # only now: a failed download above leaves earlier shards alone
-    meta['train_tokens'] = _write_split(_text_chunks(train_blocks, where, chunk_bytes), encode,
-                                        out_dir, name, 'train', shard_tokens, max_tokens)
-    meta['val_tokens'] = _write_split(_text_chunks(val_blocks, where, chunk_bytes), encode,
-                                      out_dir, name, 'val', shard_tokens, val_cap)
-    if not meta['train_tokens'] or not meta['val_tokens']:
-        raise DataError(f"{where}: the train or val split came out empty; "
-                        f"use a longer text or another --val_fraction")
-    meta.update(tokenizer=tokenizer,
-                vocab_size=len(meta['chars']) if tokenizer == 'char' else 50257,
-                shard_tokens=shard_tokens)
+def _fineweb(out_dir, shards, meta):
+    """modded-nanogpt's shards are already in our format: fetch and check them."""
+    files = (['fineweb_val_000000.bin']
+             + [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)])
+    for f in files:
+        download(FINEWEB_URL.format(f), os.path.join(out_dir, f), check=read_shard)
+    train, val = shard_paths(out_dir, 'train'), shard_paths(out_dir, 'val')
+    if len(train) > shards:
+        print(f"note: {out_dir} holds {len(train)} train shards "
+              f"(more than --shards {shards}); all are used")
+    meta.update(tokenizer='gpt2', vocab_size=50257, source=FINEWEB_URL.format(''),
+                train_tokens=sum(len(read_shard(p)) for p in train),
+                val_tokens=sum(len(read_shard(p)) for p in val),
+                split="FineWeb's own val shard (fineweb_val_000000.bin); train shards 000001..")
     return _save_meta(out_dir, meta)
 
-def _save_meta(out_dir, meta):
-    with open(os.path.join(out_dir, 'meta.json.tmp'), 'w') as f:
-        json.dump(meta, f, indent=1)
-    # written last: marks the directory done
-    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
-    print(f"{out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-          f"{meta['tokenizer']} tokenizer, vocab_size {meta['vocab_size']}")
-    return out_dir
+def _tinystories(out_dir, max_tokens, chunk_bytes, meta):
+    """TinyStories has its own validation file; its train file is ~2 GB."""
+    val_path = download(TINYSTORIES_URL.format('valid'),
+                        os.path.join(out_dir, 'TinyStoriesV2-GPT4-valid.txt'))
+    train_path = os.path.join(out_dir, 'TinyStoriesV2-GPT4-train.txt')
+    if max_tokens is None or os.path.exists(train_path):
+        download(TINYSTORIES_URL.format('train'), train_path)
+        train_blocks = _file_blocks(train_path, 0, os.path.getsize(train_path),
+                                    chunk_bytes, 'train')
+    else:  # only the first part is wanted: tokenize it as it arrives and stop early
+        train_blocks = _http_blocks(TINYSTORIES_URL.format('train'), chunk_bytes)
+    meta['source'], meta['split'] = (TINYSTORIES_URL.format('{train,valid}'),
+                                     "TinyStories' own train and valid files")
+    return train_blocks, _file_blocks(val_path, 0, os.path.getsize(val_path), chunk_bytes, 'val'), 0
+
+def _text_file(name, source, input, out_dir, val_fraction, chunk_bytes, meta):
+    """shakespeare*, text: one file, split by bytes. Fills meta's source, split and chars."""
+    if name == 'text':
+        path = input
+    elif source == 'bundled':
+        path = BUNDLED
+    else:
+        path = download(TINY_SHAKESPEARE_URL, os.path.join(out_dir, 'input.txt'))
+    split, size, how = _split_point(path, val_fraction)
+    meta['source'] = ('data/shakespeare.txt (bundled)' if path == BUNDLED else
+                      TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
+    meta['split'] = (f"val = bytes {split}..{size} of the source "
+                     f"(the last {val_fraction:.0%}, {how}), train = bytes 0..{split}")
+    if meta['tokenizer'] == 'char':  # a first streamed pass to find the characters
+        chars = set()
+        for text in _text_chunks(_file_blocks(path, 0, size, chunk_bytes, 'chars'),
+                                 path, chunk_bytes):
+            chars.update(text)
+        if len(chars) > 2**16:
+            raise DataError(f"{path}: {len(chars)} distinct characters do not fit "
+                            f"uint16 tokens; use --tokenizer gpt2")
+        meta['chars'] = sorted(chars)
+    return (_file_blocks(path, 0, split, chunk_bytes, 'train'),
+            _file_blocks(path, split, size, chunk_bytes, 'val'), split)
+
+def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
+            max_tokens=None, shards=1,
+            val_fraction=0.1, shard_tokens=100_000_000, chunk_bytes=1 << 20):
+    """Does what `python prepare.py NAME ...` does; returns out_dir."""
+    tok = _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction,
+                      shard_tokens, chunk_bytes)
+    out_dir = out_dir or os.path.join('data', name)
+    cmd = _command(name, out_dir, source, input, tokenizer, max_tokens, shards, val_fraction,
+                   shard_tokens, chunk_bytes)
+    _out_dir_ready(out_dir)
+    with _locked(out_dir) as waited:
+        # another process just made this same dataset here (every node of a job calls prepare)
+        if waited and _made_by(out_dir, cmd, os.path.abspath(input) if name == 'text' else None):
+            print(f"{out_dir}: another process prepared it with the same command; using that")
+            return out_dir
+        _foreign_shards(out_dir, 'fineweb' if name == 'fineweb10B' else name)
+        meta = {'name': name, 'command': cmd}
+        if name == 'fineweb10B':
+            return _fineweb(out_dir, shards, meta)
+        meta['tokenizer'] = tok
+        if name == 'tinystories':
+            train, val, val_start = _tinystories(out_dir, max_tokens, chunk_bytes, meta)
+        else:
+            train, val, val_start = _text_file(name, source, input, out_dir, val_fraction,
+                                               chunk_bytes, meta)
+        val_cap = None if max_tokens is None else max(1, int(max_tokens * val_fraction))
+        if max_tokens is not None:
+            meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens"
+        encode = _array_encoder({'tokenizer': tok, 'chars': meta.get('chars'),
+                                 'source': meta['source']})
+        where, cb = meta['source'], chunk_bytes
+        return _write_dataset(out_dir, name, meta, _text_chunks(train, where, cb),
+                              _text_chunks(val, where, cb, val_start), encode,
+                              shard_tokens, max_tokens, val_cap)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),

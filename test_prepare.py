@@ -1,9 +1,11 @@
 """Tests for prepare.py. CPU only, no network: every download is faked with monkeypatch."""
-import json, os, re, tracemalloc
+import errno, io, json, os, re, subprocess, sys, time, tracemalloc
 import numpy as np
 import pytest
 import requests
 import prepare as P
+
+REPO = os.path.dirname(os.path.abspath(P.__file__))
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" \
        "Caf\u00e9 na\u00efve \u2014 \u00fcber\n" * 3 + "Last line without a newline"
@@ -154,15 +156,135 @@ def test_unknown_char(tmp_path):
     assert "'\u263a'" in one_line_error(e)
 
 def test_bad_text_inputs(tmp_path):
-    with pytest.raises(P.DataError, match='--input'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'))
-    with pytest.raises(P.DataError, match='no such file'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'missing.txt'))
+    out = str(tmp_path / 'o')
     (tmp_path / 'latin1.txt').write_bytes('caf\u00e9\n'.encode('latin-1') * 50)
-    with pytest.raises(P.DataError, match='not UTF-8'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'), input=str(tmp_path / 'latin1.txt'))
-    with pytest.raises(P.DataError, match='too small'):
-        P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'one.txt', 'one line only'))
+    cases = [(None, '--input FILE'), (str(tmp_path / 'missing.txt'), 'no such file'),
+             (str(tmp_path), 'is a directory'), ('/dev/null', 'not a regular file'),
+             (write(tmp_path / 'empty.txt', ''), 'the file is empty'),
+             (str(tmp_path / 'latin1.txt'), 'not UTF-8 text (bad byte at offset 3)'),
+             # too small: name which part would be empty ('\u00e9' is 2 bytes, cut only whole)
+             (write(tmp_path / 'a.txt', 'a'), 'the train part would be empty'),
+             (write(tmp_path / 'ae.txt', 'a\u00e9'), 'the val part would be empty')]
+    for src, what in cases:
+        with pytest.raises(P.DataError) as e:
+            P.prepare('text', out_dir=out, input=src)
+        msg = one_line_error(e)
+        assert what in msg and (src is None or msg.startswith(src)), msg
+    # short, but both parts have something: that prepares
+    P.prepare('text', out_dir=out, input=write(tmp_path / 'one.txt', 'one line only'))
+    assert (P.load_meta(out)['train_tokens'], P.load_meta(out)['val_tokens']) == (11, 2)
+
+def test_bad_numbers(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    for opts, what in [({'max_tokens': 0}, '--max_tokens'), ({'max_tokens': -5}, '--max_tokens'),
+                       ({'val_fraction': 1.0}, '--val_fraction'), ({'shard_tokens': 0}, '--shard_tokens')]:
+        with pytest.raises(P.DataError) as e:
+            P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, **opts)
+        assert what in one_line_error(e)
+    with pytest.raises(P.DataError, match='--shards'):
+        P.prepare('fineweb10B', out_dir=str(tmp_path / 'o'), shards=0)
+    assert not (tmp_path / 'o').exists()  # checked before anything is written
+
+def test_bad_out_dirs(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    afile = write(tmp_path / 'afile', 'x')
+    for out, what in [(afile, 'is a file, not a folder'),
+                      (os.path.join(afile, 'sub'), 'Not a directory')]:
+        with pytest.raises(P.DataError) as e:
+            P.prepare('text', out_dir=out, input=src)
+        msg = one_line_error(e)
+        assert msg.startswith(out) and what in msg and '--out_dir' in msg
+    assert open(afile).read() == 'x'
+    deep = str(tmp_path / 'new' / 'deeper' / 'out')  # missing parents are made
+    P.prepare('text', out_dir=deep, input=src)
+    assert P.load_meta(deep)['train_tokens'] > 0
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the permissions")
+def test_permission_denied(tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT)
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src)
+    meta, shard = os.path.join(out, 'meta.json'), P.shard_paths(out, 'train')[0]
+    ro = tmp_path / 'ro'; ro.mkdir()
+    for p in (src, meta, shard):
+        os.chmod(p, 0)
+    os.chmod(ro, 0o555)
+    try:
+        for fn, where, what in [(lambda: P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src), src, 'cannot read it'),
+                                (lambda: P.load_meta(out), meta, 'cannot read it'),
+                                (lambda: P.read_shard(shard), shard, 'cannot read it'),
+                                (lambda: P.prepare('shakespeare_char', out_dir=str(ro)), str(ro), 'cannot write there')]:
+            with pytest.raises(P.DataError) as e:
+                fn()
+            msg = one_line_error(e)
+            assert msg.startswith(where) and what in msg and 'Permission denied' in msg, msg
+    finally:
+        for p in (src, meta, shard, ro):
+            os.chmod(p, 0o755)
+
+def test_wrong_meta(tmp_path):
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'shakespeare_char'), max_tokens=100)
+    path = os.path.join(out, 'meta.json')
+    good = json.load(open(path))
+    drop = lambda k: {key: v for key, v in good.items() if key != k}
+    cases = [(drop('vocab_size'), "no 'vocab_size'"), (drop('tokenizer'), "no 'tokenizer'"),
+             (drop('chars'), "no 'chars'"), ({**good, 'tokenizer': 'bpe'}, "unknown tokenizer 'bpe'"),
+             ({**good, 'vocab_size': '80'}, "vocab_size '80'"),
+             ({**good, 'chars': good['chars'][::-1]}, "'chars' is not a sorted list"),
+             ({**good, 'vocab_size': 3}, "sorted list of 3"), ([1, 2], 'not a JSON object')]
+    for bad, what in cases:
+        with open(path, 'w') as f:
+            json.dump(bad, f)
+        with pytest.raises(P.DataError) as e:
+            P.load_meta(out)
+        msg = one_line_error(e)
+        assert msg.startswith(path) and what in msg and '`python prepare.py shakespeare_char' in msg, msg
+    with open(path, 'w') as f:
+        json.dump(good, f)
+    assert P.load_meta(out) == good
+
+# ---------------------------------------------------------------- one long line
+
+def test_one_line_corpus(tmp_path):
+    # text8 and enwik8 are one line: val starts at the character boundary after 90% of the bytes
+    words = 'anarchism originated as a term of abuse \u00e9\u20ac '
+    text = next(t for t in (words * n for n in range(7000, 7100))  # 90% is inside a character
+                if t.encode()[int(len(t.encode()) * 0.9)] & 0xC0 == 0x80)
+    src = write(tmp_path / 'oneline.txt', text)
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src)
+    meta = P.load_meta(out)
+    assert 'character boundary' in meta['split']
+    _, decode = P.get_tokenizer(meta)
+    train = decode(P.read_shard(P.shard_paths(out, 'train')[0]))
+    val = decode(P.read_shard(P.shard_paths(out, 'val')[0]))
+    assert train + val == text and 0.09 < len(val.encode()) / len(text.encode()) < 0.11
+    target = int(len(text.encode()) * 0.9)
+    assert 0 < len(train.encode()) - target < 3  # the next character start, no further
+    # a line break within reach of the cut is still used
+    src2 = write(tmp_path / 'late_break.txt', text[:len(train) + 100] + '\n' + text[len(train) + 100:])
+    assert 'next line start' in P.load_meta(P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src2))['split']
+
+def test_long_line_chunks_keep_characters_whole():
+    # a line longer than 4 * chunk_bytes is cut inside: never inside a character
+    for text in ('\u00e9\u20ac\U0001f600x' * 40, 'ab \u00e9\u20ac \U0001f600' * 40):
+        data = text.encode()
+        for chunk_bytes in (1, 2, 3, 5, 8):
+            for shift in range(4):
+                blocks = [data[:shift]] + [data[i:i + chunk_bytes] for i in range(shift, len(data), chunk_bytes)]
+                chunks = list(P._text_chunks(iter(blocks), 'where', chunk_bytes))
+                assert ''.join(chunks) == text and len(chunks) > 3
+                if ' ' in text and chunk_bytes > 1:  # ...and before a space, when the line has
+                    # one in reach (its words are shorter than 4 * chunk_bytes): words stay whole
+                    assert all(c.startswith(' ') for c in chunks[1:]), chunks[:3]
+
+def test_one_line_gpt2_tokens_do_not_depend_on_chunks(monkeypatch, tmp_path):
+    import tiktoken
+    enc = FakeEncoding()  # a token per word: a chunk cut inside a word would make two
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: enc)
+    text = 'the quick brown fox jumps over the lazy dog ' * 300
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', text),
+                    tokenizer='gpt2', chunk_bytes=64)
+    train = P.read_shard(P.shard_paths(out, 'train')[0]).tolist()
+    assert train == enc.encode(text.encode()[:int(len(text) * 0.9)].decode())
 
 def test_memory_stays_flat(tmp_path):
     line = "Now is the winter of our discontent made glorious summer \u00e9\n"
@@ -331,3 +453,144 @@ def test_out_dir_with_another_dataset(tmp_path):
     with pytest.raises(P.DataError, match='another dataset'):
         P.prepare('text', out_dir=str(tmp_path), input=write(tmp_path / 'in.txt', TEXT))
     assert os.path.exists(tmp_path / 'fineweb_train_000001.bin')
+
+# ---------------------------------------------------------------- a full disk, concurrent runs
+
+FSIZE_CHILD = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit raises OSError EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # no file may grow past 100 kB
+P.main(sys.argv[2:])
+"""
+
+def files(folder):
+    return {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))}
+
+def test_full_disk_keeps_earlier_data(monkeypatch, tmp_path):
+    src = write(tmp_path / 'in.txt', TEXT * 2000)  # ~300 kB: its train shard is over 100 kB
+    out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, max_tokens=1000)
+    before = files(out)
+    r = subprocess.run([sys.executable, '-c', FSIZE_CHILD, REPO, 'text', '--input', src,
+                        '--out_dir', out], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1, r.stderr
+    assert r.stderr.startswith(f"error: {out}: could not write") and 'File too large' in r.stderr
+    assert files(out) == before  # no .tmp left, the earlier dataset intact
+    # meta.json is written last: a disk that fills there
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(P.json, 'dump', full)
+    with pytest.raises(P.DataError) as e:
+        P.prepare('text', out_dir=out, input=src)
+    msg = one_line_error(e)
+    assert msg.startswith(out) and 'No space left on device' in msg and files(out) == before
+    monkeypatch.undo()
+    # ...and while downloading: the .part stays for the next run to resume
+    class Full(io.BytesIO):
+        def write(self, b):
+            full()
+    monkeypatch.setattr(P, 'open', lambda *a, **k: Full(), raising=False)
+    monkeypatch.setattr(P.requests, 'get', lambda *a, **k: FakeResponse(b'x' * 100))
+    with pytest.raises(P.DataError) as e:
+        P.download('https://x/f.txt', str(tmp_path / 'f.txt'))
+    msg = one_line_error(e)
+    assert msg.startswith(str(tmp_path / 'f.txt.part')) and 'No space left' in msg and 'resume' in msg
+
+RACER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+out, ready = sys.argv[2], sys.argv[3]
+open(ready, 'w').close()
+while not os.path.exists(out + '.go'):  # start together
+    time.sleep(0.001)
+P.main(['shakespeare_char', '--out_dir', out])
+"""
+
+def test_concurrent_preparations_of_one_folder(tmp_path):
+    # every node of a multi-node job prepares the same folder on a shared filesystem at once
+    out = str(tmp_path / 'shakespeare_char')
+    text = open(P.BUNDLED, encoding='utf-8').read()
+    for round in range(5):
+        ready = [str(tmp_path / f'ready{round}{i}') for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, '-c', RACER, REPO, out, r], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in ready]
+        deadline = time.time() + 60
+        while not all(map(os.path.exists, ready)) and time.time() < deadline:
+            time.sleep(0.01)
+        open(out + '.go', 'w').close()
+        results = [p.communicate(timeout=120) for p in procs]
+        os.remove(out + '.go')
+        for p, (stdout, stderr) in zip(procs, results):
+            assert p.returncode == 0 and 'Traceback' not in stderr, stderr
+        # exactly one complete dataset: nothing else, nothing half
+        assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'shakespeare_char_train_000000.bin',
+                                           'shakespeare_char_val_000000.bin']
+        meta = P.load_meta(out)
+        train, val = (P.read_shard(P.shard_paths(out, s)[0], meta['vocab_size']) for s in ('train', 'val'))
+        assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens'])
+        assert np.array_equal(np.concatenate([train, val]), P._array_encoder(meta)(text))
+
+WAITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+if sys.argv[2] == 'prepare':
+    P.main(['shakespeare_char', '--out_dir', sys.argv[3], '--max_tokens', '1000'])
+else:
+    print('read vocab_size', P.load_meta(sys.argv[3])['vocab_size'])
+"""
+
+def test_waits_for_a_running_preparation_and_reuses_it(tmp_path):
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
+    meta, shard = os.path.join(out, 'meta.json'), P.shard_paths(out, 'train')[0]
+    inode = os.stat(shard).st_ino
+    logs = {k: str(tmp_path / f'{k}.log') for k in ('prepare', 'read')}
+    with P._locked(out):  # as if another preparation were writing the folder right now...
+        os.rename(meta, meta + '.aside')  # ...and swapping its shards in
+        procs = {k: subprocess.Popen([sys.executable, '-c', WAITER, REPO, k, out], stdout=open(log, 'w'),
+                                     stderr=subprocess.STDOUT) for k, log in logs.items()}
+        deadline = time.time() + 60
+        while time.time() < deadline and not all('waiting' in open(log).read() for log in logs.values()):
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs.values())  # both wait, neither failed
+        os.rename(meta + '.aside', meta)
+    for k, p in procs.items():
+        assert p.wait(timeout=60) == 0, open(logs[k]).read()
+    assert 'same command; using that' in open(logs['prepare']).read()
+    assert 'read vocab_size' in open(logs['read']).read()
+    assert os.stat(shard).st_ino == inode  # reused, not made again
+
+HOLDER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import prepare as P
+with P._locked(sys.argv[2]):
+    os.mkdir(os.path.join(sys.argv[2], P.TMP_PREFIX + 'half'))  # as a preparation killed midway
+    print('locked', flush=True)
+    time.sleep(600)
+"""
+
+def test_killed_preparation_leaves_no_stale_lock(tmp_path):
+    out = str(tmp_path / 'sc')
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, '-c', HOLDER, REPO, out], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'locked\n'
+    holder.kill()
+    holder.wait()
+    # the lock died with its holder: this neither waits nor keeps the half-made folder
+    r = subprocess.run([sys.executable, '-c', WAITER, REPO, 'prepare', out], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and 'waiting' not in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'shakespeare_char_train_000000.bin',
+                                       'shakespeare_char_val_000000.bin']
+
+def test_filesystem_without_locks(monkeypatch, tmp_path, capsys):
+    # some NFS and Lustre mounts refuse flock: prepare anyway, and say so
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(P.fcntl, 'flock', no_locks)
+    out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
+    assert 'cannot lock it (No locks available)' in capsys.readouterr().out
+    assert P.load_meta(out)['train_tokens'] == 1000
