@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 
@@ -648,22 +649,28 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # -------------------------------------------------------------------- regularizer
 
 def gate_moments(gates):
-    """Per-layer mean and variance of gates (L, B, T), detached fp32: what controllers read
-    (train.py averages them across micro-steps and ranks first)."""
+    """Per-layer mean and mean square of gates (L, B, T), detached fp32. Controllers read the
+    mean and the variance E[g^2] - E[g]^2 of a whole optimizer step: train.py averages these two
+    over micro-steps and processes first, then takes the variance (as the paper's code does)."""
     g = gates.detach().float()
-    return g.mean((1, 2)), g.var((1, 2))
+    return g.mean((1, 2)), (g * g).mean((1, 2))
 
 
-CONTROLLERS = ("sparsity", "sparsity_variance", "adaptive", "proportional",
-               "proportional_derivative")
+CONTROLLERS = ("sparsity", "sparsity_variance", "sparsity_variance_l2", "adaptive",
+               "proportional", "proportional_derivative")
+FIXED_COEFS = {"sparsity": (0.01, 0.0), "sparsity_variance": (0.01, -0.01),
+               "sparsity_variance_l2": (0.1, 0.1)}  # the fixed kinds' default (coef, var_coef)
 
 
 class GateController:
     """The gate regularizer loss = mean_l(c_l * mu_l) + mean_l(k_l * v_l), from each layer's
     gate mean mu_l and variance v_l, and the rule that sets its coefficients c and k. With
     d = mu - t, the error from the layer's mean target t, after each step:
-      sparsity                 c = coef, k = 0                   (fixed)
-      sparsity_variance        c = coef, k = var_coef            (fixed; k < 0 rewards 0/1 gates)
+      sparsity                 c = coef (0.01), k = 0            (fixed)
+      sparsity_variance        c = coef (0.01), k = var_coef (-0.01): k < 0 rewards 0/1 gates
+      sparsity_variance_l2     fixed c = coef (0.1), k = var_coef (0.1), on distances: the loss
+                               is mean(c) |mu - t| + mean(k) |v - t(1 - t)|, with |.| the
+                               Euclidean norm over the layers (as the paper's code has it)
       adaptive                 c += lr * sign(d)  where |d| > tol
       proportional             c += lr * d        where |d| > tol
       proportional_derivative  c += lr * d        where |d| > tol and d * (d - ema10(d)) > 0
@@ -674,12 +681,15 @@ class GateController:
     Targets run linearly from target_start (outer layers) to target_end (middle), mirrored.
     lr=None takes the kind's own default: 1e-2 for proportional_derivative, else 1e-3."""
 
-    def __init__(self, kind, n_layer, coef=0.01, var_coef=-0.01, target_start=1.0, target_end=0.5,
+    def __init__(self, kind, n_layer, coef=None, var_coef=None, target_start=1.0, target_end=0.5,
                  var_target_delta=0.0, lr=None, tol=0.01, coef_min=-math.inf, coef_max=math.inf,
                  device="cpu"):
         lr = (1e-2 if kind == "proportional_derivative" else 1e-3) if lr is None else lr
         if kind not in CONTROLLERS:
             raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}; got {kind!r}")
+        fixed = FIXED_COEFS.get(kind, (0.0, 0.0))  # the target kinds start at 0
+        coef, var_coef = (fixed[0] if coef is None else coef), (fixed[1] if var_coef is None
+                                                                 else var_coef)
         if not (0 <= target_start <= 1 and 0 <= target_end <= 1 and lr >= 0 and tol >= 0):
             raise ConfigError(f"controller targets must be in [0, 1] and lr, tol >= 0; got "
                               f"{target_start}, {target_end}, lr={lr}, tol={tol}")
@@ -689,21 +699,25 @@ class GateController:
         self.mean_targets = torch.cat([half, half.flip(0)])
         t = self.mean_targets
         self.var_targets = (t * (1 - t) + var_target_delta).clamp_min(0)
-        fixed = kind in ("sparsity", "sparsity_variance")
-        self.mean_coefs = torch.full((n_layer,), coef if fixed else 0.0, device=device)
-        self.var_coefs = torch.full((n_layer,), var_coef if kind == "sparsity_variance" else 0.0,
-                                    device=device)
+        starts = (coef, var_coef) if kind in FIXED_COEFS else (0.0, 0.0)
+        self.mean_coefs = torch.full((n_layer,), starts[0], device=device)
+        self.var_coefs = torch.full((n_layer,), starts[1], device=device)
         self.ema = {name: torch.zeros(n_layer, device=device) for name in ("mean", "var")}
         self.steps = 0
 
     def loss(self, gates):
+        """The regularizer from this micro-batch's gates (L, B, T)."""
         g = gates.float()
-        return (self.mean_coefs * g.mean((1, 2))).mean() + (self.var_coefs * g.var((1, 2))).mean()
+        means, variances = g.mean((1, 2)), g.var((1, 2))
+        if self.kind == "sparsity_variance_l2":
+            means = (means - self.mean_targets).norm()
+            variances = (variances - self.var_targets).norm()
+        return (self.mean_coefs * means).mean() + (self.var_coefs * variances).mean()
 
     def update(self, means, variances):
-        """One controller step from per-layer gate means and variances (already averaged
-        across ranks, so every rank takes the same step)."""
-        if self.kind in ("sparsity", "sparsity_variance"):
+        """One controller step from per-layer gate means and variances of a whole optimizer
+        step (pooled over micro-steps and processes, so every process takes the same step)."""
+        if self.kind in FIXED_COEFS:
             return
         mean_error = means.to(self.mean_coefs) - self.mean_targets
         var_error = variances.to(self.var_coefs) - self.var_targets
@@ -744,12 +758,23 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(state, path):
     """torch.save to a temp file beside path, fsync, then rename: a crash at any moment leaves
-    either the old checkpoint or the new one, never half of one."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    either the old checkpoint or the new one, never half of one. A failed write (a full disk,
+    a read-only folder) removes the temp file and raises CheckpointError; path is untouched."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a failed write as RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        while e.__context__ is not None and not isinstance(e, OSError):
+            e = e.__context__  # torch's writer reports the OS error's consequence instead
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
+        raise CheckpointError(f"could not write {path} ({reason}, {free:,.0f} MiB free there)"
+                              ) from None
 
 
 def rng_state():
@@ -764,6 +789,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_model_args(path, saved_args, model_args):
+    """A one-line CheckpointError naming the first setting in which the checkpoint at path
+    (saved_args) and this run (model_args) differ."""
+    for k, new in model_args.items():
+        old = saved_args.get(k, GPTConfig.__dataclass_fields__[k].default)
+        if old != new:
+            fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
+            raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
+                                  f"{k}={new!r}; {fix} or use another out_dir")
+
+
 def load_checkpoint(path, device="cpu", model_args=None):
     """(model, checkpoint dict) from a file train.py wrote; no code from the file runs. With
     model_args (this run's), first check the checkpoint was made with the same ones."""
@@ -774,16 +810,14 @@ def load_checkpoint(path, device="cpu", model_args=None):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         saved_args = ckpt["model_args"]
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
     except Exception as e:  # truncated file, unpickling error, not a dict, ...
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is not a usable train.py checkpoint ({first_line}); "
                               f"train again or pick another out_dir") from None
-    for k, new in (model_args or {}).items():
-        old = saved_args.get(k)
-        if old != new:
-            fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
-            raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
-                                  f"{k}={new!r}; {fix} or use another out_dir")
+    if model_args:
+        check_model_args(path, saved_args, model_args)
     model = GPT(GPTConfig(**saved_args))
     # torch.compile and DDP save parameters under _orig_mod. and module. prefixes
     state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}

@@ -273,11 +273,26 @@ def test_fixed_controllers_and_loss():
     s = GateController("sparsity", 4)
     sv = GateController("sparsity_variance", 4)
     gates = torch.rand(4, 2, 8)
-    means, variances = gate_moments(gates)
+    means, squares = gate_moments(gates)
+    assert torch.allclose(squares, (gates * gates).mean((1, 2)))
+    variances = gates.var((1, 2))  # the regularizer: this micro-batch's (unbiased) variance
     assert torch.allclose(s.loss(gates), 0.01 * means.mean())
     assert torch.allclose(sv.loss(gates), 0.01 * means.mean() - 0.01 * variances.mean())
     s.update(means, variances)
     assert torch.equal(s.mean_coefs, torch.full((4,), 0.01))
+
+
+def test_sparsity_variance_l2_by_hand():
+    """Fixed coefficients 0.1 on the Euclidean distances, over the layers, of the gate means
+    and variances from their targets (1, 0.5, 0.5, 1 and t(1 - t) = 0, .25, .25, 0)."""
+    c = GateController("sparsity_variance_l2", 4)
+    gates = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]).view(4, 1, 2)
+    # means 1, .5, .5, .5: distance |(0, 0, 0, -.5)| = .5; unbiased variances 0, .5, .5, .5:
+    # distance |(0, .25, .25, .5)| = sqrt(.375)
+    assert c.loss(gates).item() == pytest.approx(0.1 * 0.5 + 0.1 * 0.375 ** 0.5)
+    c.update(torch.tensor([0.2, 0.2, 0.2, 0.2]), torch.zeros(4))
+    assert torch.equal(c.mean_coefs, torch.full((4,), 0.1))  # fixed: no update moves them
+    assert torch.equal(c.var_coefs, torch.full((4,), 0.1))
 
 
 def test_controller_clamp_and_state_dict_round_trip():
