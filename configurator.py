@@ -11,6 +11,7 @@ on purpose (ConfigError, CheckpointError, DataError): "error: ..." instead of a 
 """
 import ast
 import difflib
+import fcntl
 import os
 import sys
 
@@ -78,8 +79,37 @@ def configure(scope, argv=None):
 def _one_line_errors(kind, error, tb):
     if issubclass(kind, ValueError) and kind.__module__ in ('model', 'prepare'):
         print(f"error: {error}", file=sys.stderr)
+    elif issubclass(kind, BrokenPipeError):  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     else:
         sys.__excepthook__(kind, error, tb)
+
+
+def check_out_dir(out_dir, write=False):
+    """Exits with one line when out_dir is a file; with write, also when it cannot be written or
+    another train.py is writing there (two runs would overwrite each other's files). With write
+    it is created, and its lock file is held until this process ends."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        sys.exit(f"error: --out_dir={out_dir} is a file, not a folder; pick another out_dir")
+    if not write:
+        return
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        sys.exit(f"error: --out_dir={out_dir}: cannot write in {probe}; make it writable or pick "
+                 f"another out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, '.train.lock'), 'w')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another train.py is running in {out_dir} (it holds {lock.name}); wait "
+                 f"for it to end or use another out_dir")
+    _held.append(lock)
+
+
+_held = []  # lock files held until the process ends
 
 
 def device_and_dtype(device='auto', dtype='auto'):
@@ -95,6 +125,15 @@ def device_and_dtype(device='auto', dtype='auto'):
         sys.exit(f"error: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
     if device.type == 'cuda' and not torch.cuda.is_available():
         sys.exit(f"error: device={str(device)!r} but CUDA is not available here; use --device=cpu")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"error: device={str(device)!r} but this machine has {torch.cuda.device_count()} "
+                 f"CUDA device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        sys.exit(f"error: device='mps' but MPS is not available here (it needs Apple silicon and "
+                 f"a torch built with it); use --device=cpu")
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        sys.exit(f"error: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; "
+                 f"got {str(device)!r}")
     if dtype == 'auto':
         dtype = 'float32'
         if device.type == 'cuda':

@@ -284,6 +284,17 @@ def _array_encoder(meta):
                                      dtype=np.uint16)
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (expected char or gpt2)")
 
+def same_tokens(meta, other, data_dir):
+    """Raises DataError (one line) unless meta and other (two meta.json records, e.g. a
+    checkpoint's and data_dir's) tokenize alike: the same tokenizer and vocabulary, so that
+    every id means the same token. Re-preparing a folder from another text changes that."""
+    what = [k for k in ('tokenizer', 'vocab_size', 'chars') if meta.get(k) != other.get(k)]
+    if what:
+        raise DataError(f"{data_dir} does not tokenize as the checkpoint's data did (its "
+                        f"{' and '.join(what)} differ: it was prepared again from other text?), "
+                        f"so its ids would mean other tokens; prepare the run's own data again "
+                        f"(`{meta.get('command', 'python prepare.py ...')}`) or use another out_dir")
+
 def get_tokenizer(meta):
     """(encode, decode) for a dataset's meta: encode(str) -> list[int], decode(list[int]) -> str."""
     encode = _array_encoder(meta)

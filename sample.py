@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from configurator import configure, device_and_dtype
+from configurator import check_out_dir, configure, device_and_dtype
 from model import GPT, load_checkpoint
 from prepare import DataError, get_tokenizer
 
@@ -80,8 +80,7 @@ def histogram(gates, n_layer, width=40):
 device, dtype = device_and_dtype(device, dtype)
 torch.manual_seed(seed)
 if init_from == 'resume':
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        sys.exit(f"error: --out_dir={out_dir} is a file, not a folder holding ckpt.pt")
+    check_out_dir(out_dir)
     model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
     meta, source = ckpt['meta'], f"{out_dir}/ckpt.pt (step {ckpt['step']})"
 else:  # the released models read GPT-2 tokens

@@ -151,3 +151,27 @@ def test_sampling_a_released_model(monkeypatch, capsys):
     out = capsys.readouterr()
     assert "skip_middle_tiny, " in out.err and "gated n_layer=4" in out.err
     assert out.out.startswith("Hi") and "layers run per new token" in out.out
+
+
+def test_prompt_file_that_is_not_utf8(tmp_path):
+    write_checkpoint(tmp_path)
+    (tmp_path / "p.txt").write_bytes(b"ROM\xc9O:\n")
+    with pytest.raises(DataError, match=r"p.txt: not UTF-8 text \(bad byte at offset 3\)"):
+        run(tmp_path, f"--start=FILE:{tmp_path / 'p.txt'}")
+
+
+def test_consoles_that_cannot_show_a_sample(tmp_path):
+    """A console whose encoding lacks a sampled character shows '?' for it; output piped into
+    a reader that stops early (`| head`) ends sample.py quietly."""
+    meta = {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS[:-1] + ["\u00e9"]}
+    write_checkpoint(tmp_path, meta=meta)
+    cmd = [sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path}", "--start=\u00e9t\u00e9"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE,
+                       env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert p.returncode == 0 and p.stdout.startswith("?t?"), p.stderr[-2000:]
+    head = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    p = subprocess.run(cmd + ["--num_samples=600", "--max_new_tokens=128"], stdout=head.stdin,
+                       stderr=subprocess.PIPE, text=True, cwd=HERE)
+    head.stdin.close()
+    head.wait()
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-2000:]

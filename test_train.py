@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def run(args, out_dir=None, nproc=0, ok=True):
-    data = [] if any(a.startswith('--dataset=') for a in args) else [f'--data_dir={DATA}']
+    data = [] if any(a.startswith(('--dataset=', '--data_dir=')) for a in args) else [f'--data_dir={DATA}']
     cmd = [sys.executable, 'train.py', *args, *data] + ([f'--out_dir={out_dir}'] if out_dir else [])
     if nproc:
         cmd[1:2] = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
@@ -49,6 +49,11 @@ def records(out_dir, kind):
 
 def load(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def files(out_dir):
+    """The files of out_dir, without train.py's lock file."""
+    return sorted(f for f in os.listdir(out_dir) if f != '.train.lock')
 
 
 def one_line_error(p, *needles):
@@ -275,7 +280,7 @@ def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
     for _ in range(2):  # diverges at once: fails long before its first checkpoint (step 200)
         one_line_error(run(TINY + ['--max_iters=400', '--learning_rate=1e6'], out, ok=False),
                        'non-finite loss', 'no checkpoint had been written yet')
-        assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+        assert files(out) == ['ckpt.pt', 'log.jsonl']
         assert load(out)['step'] == 4 and open(os.path.join(out, 'log.jsonl')).read() == first_log
     p = run(TINY + ['--max_iters=2', '--eval_interval=2'], out)
     assert 'ckpt.prev.pt' in p.stdout and load(out)['step'] == 2
@@ -292,7 +297,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     saved = load(out)
     p = run(TINY + ['--max_iters=20', '--eval_interval=5', '--init_from=resume', '--learning_rate=1e6'], out, ok=False)
     one_line_error(p, 'non-finite loss at step', 'the last good checkpoint', '(step 5) is kept')
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl'] and load(out)['step'] == 5
+    assert files(out) == ['ckpt.pt', 'log.jsonl'] and load(out)['step'] == 5
     for k, v in saved['model'].items():
         assert torch.equal(v, load(out)['model'][k])
 
@@ -347,3 +352,123 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
     one_line_error(run(TINY + ['--warmup_frac=1.5'], ok=False), 'warmup_frac must be in [0, 1)', '1.5')
     one_line_error(run(TINY + ['--batch_size=0'], ok=False), 'batch_size must be positive', '0')
     one_line_error(run(TINY + ['--n_layer=3'], ok=False), 'GPTConfig.n_layer', 'even', '3')
+
+
+# ----------------------------------------------------------------------------- edges
+
+def test_gate_variance_is_pooled_over_the_whole_step(tmp_path):
+    """The controller reads the variance of the whole optimizer step, E[g^2] - E[g]^2 over all
+    its micro-steps: 4 micro-steps of 2 sequences move the coefficients exactly as one of 8
+    does (the mean of the micro-steps' variances would not: their means differ)."""
+    args = TINY + ['--max_iters=1', '--eval_interval=1', '--ctrl_lr=1.0', '--ctrl_tol=0']
+    one, four = str(tmp_path / 'one'), str(tmp_path / 'four')
+    run(args + ['--batch_size=8'], one)
+    run(args + ['--batch_size=2', '--tokens_per_step=256'], four)
+    a, b = records(one, 'train')[0], records(four, 'train')[0]
+    assert any(abs(c) > 1e-3 for c in a['var_coefs'])
+    assert b['var_coefs'] == pytest.approx(a['var_coefs'], abs=1e-6)
+    assert b['mean_coefs'] == pytest.approx(a['mean_coefs'], abs=1e-6)
+
+
+def test_full_disk_at_a_checkpoint_loses_nothing(tmp_path):
+    """A resumed run whose next checkpoint cannot be written (a file-size limit stands in for a
+    full disk) stops with one line that keeps the last good checkpoint, leaves no temp file,
+    and the next resume logs each step once."""
+    import resource
+    out = str(tmp_path / 'full')
+    args = TINY + ['--max_iters=12', '--eval_interval=4']
+    run(args + ['--stop_iter=8'], out)
+    limit = os.path.getsize(os.path.join(out, 'ckpt.pt')) // 2
+    cmd = [sys.executable, 'train.py', *args, '--init_from=resume', f'--data_dir={DATA}', f'--out_dir={out}']
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    one_line_error(p, 'could not write', 'ckpt.pt', 'File too large', '(step 8) is kept')
+    assert files(out) == ['ckpt.pt', 'log.jsonl'] and load(out)['step'] == 8
+    assert max(r['step'] for r in records(out, 'train')) == 12  # logged, but never saved
+    run(args + ['--init_from=resume'], out)
+    kinds = [(r['type'], r['step']) for r in map(json.loads, open(os.path.join(out, 'log.jsonl')))]
+    assert len(kinds) == len(set(kinds)) and ('train', 12) in kinds and load(out)['step'] == 12
+
+
+def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(tiny_ckpt, tmp_path):
+    log_before = open(os.path.join(tiny_ckpt, 'log.jsonl')).read()
+    p = run(TINY + ['--eval_only', '--max_iters=77'], tiny_ckpt)
+    assert 'eval step 4 |' in p.stdout and 'note: resuming with settings' not in p.stdout
+    assert open(os.path.join(tiny_ckpt, 'log.jsonl')).read() == log_before
+    empty = tmp_path / 'empty'
+    one_line_error(run(TINY + ['--eval_only'], str(empty), ok=False), '--eval_only', 'no ckpt.pt')
+    assert not empty.exists()
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
+    out = str(tmp_path / 'busy')
+    cmd = [sys.executable, 'train.py', *TINY, '--max_iters=100000', '--eval_interval=100000',
+           f'--out_dir={out}', f'--data_dir={DATA}']
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith('step 1 |'):
+                break
+        one_line_error(run(TINY + ['--max_iters=2'], out, ok=False), 'another train.py is running in', out)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and load(out)['step'] >= 1  # the first run was not disturbed
+
+
+def test_resume_refuses_data_prepared_again_from_other_text(tmp_path):
+    """Re-preparing the run's data folder from another text with as many characters changes
+    what every id means; a resume must refuse it, naming what differs."""
+    from prepare import prepare
+    data, out = str(tmp_path / 'data'), str(tmp_path / 'out')
+    for name, text in (('a.txt', 'abcdefgh\n' * 4000), ('b.txt', 'stuvwxyz\n' * 4000)):
+        (tmp_path / name).write_text(text)
+    prepare('text', out_dir=data, input=str(tmp_path / 'a.txt'))
+    run(TINY + ['--max_iters=8', '--stop_iter=4', '--eval_interval=4', f'--data_dir={data}'], out)
+    prepare('text', out_dir=data, input=str(tmp_path / 'b.txt'))
+    one_line_error(run(TINY + ['--max_iters=8', '--init_from=resume', f'--data_dir={data}'], out, ok=False),
+                   data, 'chars differ')
+
+
+def test_out_dir_and_device_mistakes_stop_before_any_work(tmp_path):
+    (tmp_path / 'f').write_text('hi')
+    p = one_line_error(run(TINY, str(tmp_path / 'f'), ok=False), 'is a file, not a folder')
+    assert 'is a file' in p
+    for script in ('train.py', 'sample.py', 'bench.py'):
+        p = subprocess.run([sys.executable, script, '--device=mps'], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        one_line_error(p, "device='mps' but MPS is not available here", '--device=cpu')
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_prepare_train_and_exit_cleanly(tmp_path):
+    """The README's two-node command, both nodes on this machine sharing a filesystem with no
+    prepared data: each node prepares the bundled dataset into the same folder at once, both
+    train, and every process exits 0 (three times; the data is removed before each)."""
+    import shutil
+    for attempt in range(3):
+        shutil.rmtree(tmp_path / 'data', ignore_errors=True)
+        port = free_port()
+        nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2',
+                                   f'--node_rank={r}', '--nproc_per_node=1', '--master_addr=127.0.0.1',
+                                   f'--master_port={port}', os.path.join(ROOT, 'train.py'), *TINY,
+                                   '--max_iters=6', '--eval_interval=6', f'--out_dir=out{attempt}'],
+                                  cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True) for r in (0, 1)]
+        try:
+            results = [n.communicate(timeout=240) for n in nodes]
+        finally:  # a hung node must not outlive the test (it would hold its port)
+            for n in nodes:
+                if n.poll() is None:
+                    os.killpg(n.pid, signal.SIGKILL)
+        for node, (out, err) in zip(nodes, results):
+            assert node.returncode == 0, (attempt, out[-1500:], err[-1500:])
+        assert 'ddp gloo' in results[0][0] and load(tmp_path / f'out{attempt}')['step'] == 6

@@ -7,16 +7,20 @@ Train a GPT that learns to skip its middle layers, or a dense baseline.
     torchrun --standalone --nproc_per_node=8 train.py config/fineweb_gated.py
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST train.py ...  # R = 0, 1
     python train.py --out_dir=out --init_from=resume   # continue exactly where out/ckpt.pt stopped
+    python train.py --out_dir=out --eval_only          # evaluate out/ckpt.pt; writes nothing
+    python train.py --init_from=tim-lawson/skip-middle-fineweb-baseline-4-layers --dataset=shakespeare
 
 One optimizer step = tokens_per_step tokens = world_size processes x grad_accum micro-steps
 x batch_size x block_size. The loss is cross-entropy + controller.loss(gates); after every
-step the gate controller reads the per-layer gate means and variances, averaged over
-micro-steps and processes, so every process updates its coefficients in the same way.
+step the gate controller reads the per-layer gate means and variances of the whole step
+(pooled over micro-steps and processes), so every process updates its coefficients alike.
 
 Written to out_dir: ckpt.pt (at every evaluation, at the end, on SIGTERM or Ctrl-C) and
 log.jsonl (a JSON record per log line and evaluation); a scratch run moves an earlier run's
 files there to ckpt.prev.pt and log.prev.jsonl when it saves its own first checkpoint. A
-resumed run retraces an uninterrupted one exactly (on CPU). A non-finite loss stops the run.
+resumed run retraces an uninterrupted one exactly (on CPU), after dropping the log records of
+steps after its checkpoint, which it takes again. A non-finite loss, or a checkpoint or log that
+cannot be written, stops the run with one line; the last good checkpoint stays.
 """
 import contextlib
 import json
@@ -29,18 +33,19 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, device_and_dtype
-from model import (GPT, GPTConfig, GateController, gate_moments, load_checkpoint, rng_state,
-                   save_checkpoint, set_rng_state)
-from prepare import TokenStream, first_tokens, load_meta, prepare, shard_paths
+from configurator import check_out_dir, configure, device_and_dtype
+from model import (GPT, CheckpointError, GPTConfig, GateController, check_model_args, gate_moments,
+                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from prepare import TokenStream, first_tokens, load_meta, prepare, same_tokens, shard_paths
 
 # settings
 # I/O
 out_dir = 'out'
-init_from = 'scratch'          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt), or a released model of the
+                               # paper's authors: a hub id or folder (pretrained.py), GPT-2 data
 eval_interval = 200            # evaluate and checkpoint every this many steps, and at the end
 eval_tokens = 16384            # validation tokens per evaluation: always the first ones of val
-eval_only = False              # evaluate once and exit
+eval_only = False              # evaluate out_dir/ckpt.pt (or --init_from's model) once; writes nothing
 log_interval = 25              # print and log every this many steps
 always_save_checkpoint = True  # False: checkpoint only when the val loss improves
 stop_iter = 0                  # stop with a checkpoint after this many steps, schedule unchanged
@@ -65,13 +70,14 @@ gated = True                   # False: a dense baseline (no gate heads, no cont
 gate_init = 'normal'           # 'normal', or 'zero' (a dense start whose heads never learn)
 gate_eps = 1e-6                # the attention key bias is log(max(g, gate_eps))
 attn_backend = 'auto'          # 'auto' (FlexAttention on CUDA when gated), 'sdpa', 'flex'
+hide_closed_keys = True        # False: closed gates' keys stay visible (the authors' releases)
 skip = 'auto'                  # gated: run each layer only on the tokens whose gate is above 0
                                # (the same function as the masked path 'false', less compute);
                                # 'auto' = on when not compiled, 'true', 'false'
-# gate controller (the README lists the five rules)
-controller = 'proportional'    # or sparsity, sparsity_variance, adaptive, proportional_derivative
-ctrl_coef = 0.01               # the fixed mean coefficient of the two sparsity controllers
-ctrl_var_coef = -0.01          # the fixed variance coefficient of sparsity_variance
+# gate controller (the README lists the six rules)
+controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, proportional_derivative
+ctrl_coef = 0.0                # the fixed controllers' mean coefficient; 0 = the kind's default
+ctrl_var_coef = 0.0            # ... and variance coefficient (0.01/0, 0.01/-0.01, l2: 0.1/0.1)
 ctrl_target_start = 1.0        # the mean gate target of the outer layers ...
 ctrl_target_end = 0.5          # ... falling linearly to this in the middle
 ctrl_var_target_delta = 0.0    # added to the variance targets t(1 - t)
@@ -106,9 +112,8 @@ def need(ok, message):
         sys.exit(f"error: {message}")
 
 # the settings no other code checks (GPTConfig and GateController check their own)
-for name, allowed in (('init_from', 'scratch resume'), ('backend', 'auto nccl gloo'),
-                      ('compile', 'auto true false'), ('deterministic', 'auto true false'),
-                      ('skip', 'auto true false')):
+for name, allowed in (('backend', 'auto nccl gloo'), ('compile', 'auto true false'),
+                      ('deterministic', 'auto true false'), ('skip', 'auto true false')):
     need(config[name] in allowed.split(), f"{name} must be one of {allowed}; got {config[name]!r}")
 for name in ('batch_size', 'eval_interval', 'log_interval', 'eval_tokens', 'learning_rate'):
     need(config[name] > 0, f"{name} must be positive, got {config[name]}")
@@ -125,12 +130,21 @@ rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'W
     if ddp else (0, 0, 1)
 master = rank == 0  # the process that prints, logs and checkpoints
 say = print if master else (lambda *args, **kwargs: None)
+check_out_dir(out_dir, write=master and not eval_only)  # before any work: it must be writable
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if eval_only and init_from == 'scratch':  # evaluate the run that is there, never a new model
+    need(os.path.isfile(ckpt_path), f"--eval_only evaluates a trained model, and {out_dir} holds "
+         f"no ckpt.pt; pass the out_dir of a run, or --init_from=<a released model>")
+    init_from = 'resume'
 device, dtype = device_and_dtype(device, dtype)
 if ddp and device.type == 'cuda':
     device = torch.device('cuda', local_rank)
 if device.type == 'cuda':
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # TF32 for the few float32 matmuls outside autocast. (Not the allow_tf32 flags, deprecated
+    # since torch 2.9; nor the new fp32_precision flags: once set, inductor's own reads of the
+    # old setting raise in the torch versions this supports.)
+    torch.set_float32_matmul_precision('high')
 if ddp:
     torch.distributed.init_process_group(backend if backend != 'auto' else
                                          'nccl' if device.type == 'cuda' else 'gloo')
@@ -141,8 +155,6 @@ if deterministic == 'true' or (deterministic == 'auto' and device.type == 'cpu')
 autocast = (contextlib.nullcontext() if dtype == 'float32' else
             torch.autocast(device.type, dtype=getattr(torch, dtype)))
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
-# packing syncs with the host once per layer, which breaks a compiled graph into pieces
-skip = gated and (skip == 'true' or (skip == 'auto' and not use_compile))
 
 # -----------------------------------------------------------------------------
 # data: a deterministic stream of train batches, and a fixed validation set
@@ -152,15 +164,16 @@ grad_accum = tokens_per_step // (B * T * world)
 need(grad_accum * B * T * world == tokens_per_step, f"tokens_per_step={tokens_per_step} is not a "
      f"multiple of batch_size*block_size*world_size = {B}*{T}*{world} = {B * T * world}")
 data_dir = data_dir or os.path.join('data', dataset)
-if not os.path.isdir(data_dir):
-    need(dataset == 'shakespeare_char' and not config['data_dir'],
-         f"data directory {data_dir} not found; run: python prepare.py {dataset}"
-         + ('' if data_dir == os.path.join('data', dataset) else f" --out_dir {data_dir}"))
-    if local_rank == 0:  # the default run needs no network: the corpus is bundled
-        print(f"{data_dir} not found: preparing the bundled shakespeare_char dataset")
-        prepare('shakespeare_char')
-    if ddp:
-        torch.distributed.barrier()
+bundled = dataset == 'shakespeare_char' and not config['data_dir']  # needs no network
+need(bundled or os.path.isdir(data_dir), f"data directory {data_dir} not found; run: python "
+     f"prepare.py {dataset}" + ('' if data_dir == os.path.join('data', dataset) else
+                                f" --out_dir {data_dir}"))
+if bundled and not os.path.isfile(os.path.join(data_dir, 'meta.json')) and local_rank == 0:
+    # one process per node; nodes that share a filesystem take turns (prepare.py locks it)
+    print(f"{data_dir} is not prepared: preparing the bundled shakespeare_char dataset")
+    prepare('shakespeare_char')
+if ddp:
+    torch.distributed.barrier()  # every process waits for its node's preparation
 meta = load_meta(data_dir)
 model_vocab = vocab_size or -(-meta['vocab_size'] // 64) * 64  # padded to 64: faster matmuls
 need(model_vocab >= meta['vocab_size'], f"vocab_size={model_vocab} is smaller than the "
@@ -178,23 +191,42 @@ if max_iters == 0:  # one pass over the train data, as the paper's runs
 need(stop_iter <= max_iters, f"stop_iter={stop_iter} is beyond max_iters={max_iters}")
 
 # -----------------------------------------------------------------------------
-# model, optimizer and gate controller: new, or resumed from out_dir/ckpt.pt
+# model, optimizer and gate controller: new, resumed from out_dir/ckpt.pt, or a released model
 model_args = dict(vocab_size=model_vocab, data_vocab_size=meta['vocab_size'], block_size=T,
                   n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                   rope_theta=rope_theta, norm_eps=norm_eps, gated=gated, gate_init=gate_init,
-                  gate_eps=gate_eps, attn_backend=attn_backend)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+                  gate_eps=gate_eps, hide_closed_keys=hide_closed_keys, attn_backend=attn_backend)
+ckpt = None
 if init_from == 'resume':
-    model, ckpt = load_checkpoint(ckpt_path, 'cpu', model_args)
+    model, ckpt = load_checkpoint(ckpt_path, 'cpu')
+    same_tokens(ckpt['meta'], meta, data_dir)  # data prepared again since: ids would change meaning
+    if ckpt['config']['init_from'] in ('scratch', 'resume'):  # else the release set the model
+        check_model_args(ckpt_path, ckpt['model_args'], model_args)
     harmless = ('out_dir', 'init_from', 'eval_interval', 'eval_only', 'log_interval', 'stop_iter',
-                'always_save_checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'compile', 'skip')
+                'always_save_checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'compile',
+                'skip', *model_args)
     changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in ckpt['config'].items()
                if k in config and v != config[k] and k not in harmless]
-    if changed:
+    if changed and not eval_only:
         say("note: resuming with settings that differ from the checkpoint's, so the run will not "
             "retrace an uninterrupted one: " + ", ".join(changed))
+elif init_from != 'scratch':  # one of the authors' released models, which read GPT-2 tokens
+    need(meta['tokenizer'] == 'gpt2', f"--init_from={init_from} reads GPT-2 tokens, but {data_dir} "
+         f"holds {meta['tokenizer']} tokens; prepare GPT-2 data (`python prepare.py shakespeare`)")
+    model = GPT.from_pretrained(init_from)
+    say(f"note: --init_from={init_from} sets the model (its own sizes and semantics, "
+        f"hide_closed_keys={model.config.hide_closed_keys}); this run's model settings are unused")
 else:
-    model, ckpt = GPT(GPTConfig(**model_args)), None
+    model = GPT(GPTConfig(**model_args))
+model_args = dict(vars(model.config))  # what was built, for every checkpoint this run writes
+n_layer, gated, hide_closed_keys = (model_args[k] for k in ('n_layer', 'gated', 'hide_closed_keys'))
+need(T <= model.config.block_size and meta['vocab_size'] <= model.config.vocab_size,
+     f"block_size={T} or the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
+     f"({model.config.block_size}, {model.config.vocab_size})")
+need(skip != 'true' or hide_closed_keys, "--skip=true needs closed keys hidden (hide_closed_keys): "
+     "with them visible every token's key is needed in every layer")
+# packing syncs with the host once per layer, which breaks a compiled graph into pieces
+skip = gated and hide_closed_keys and (skip == 'true' or (skip == 'auto' and not use_compile))
 model.to(device)
 optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type, adam_eps)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no loss scaling
@@ -224,7 +256,8 @@ say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model 
     f"{('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'}, "
     f"{n_layer} layers; device {device} x {world} ({processes}), {dtype}, compile {use_compile}")
 say(f"tokens per step {tokens_per_step:,} = {world} procs x {grad_accum} accum x {B} x {T}; "
-    f"{max_iters} steps; fwd FLOPs/token dense {model.flops_per_token(0.0):.3g}")
+    f"{max_iters} steps; fwd FLOPs/token dense {model.flops_per_token(0.0):.3g}; MFU counts the "
+    f"(token, layer) pairs computed ({'the unskipped ones' if skip else 'all of them'})")
 
 # -----------------------------------------------------------------------------
 # schedule, statistics, evaluation, logging and checkpoints
@@ -291,17 +324,46 @@ def layer_table(layers):
                                               for v in values))
     return '\n'.join(rows)
 
-# A scratch run keeps an earlier run's checkpoint and log where they are until it saves its own
+def keep_log_until(path, step):
+    """Drop the records of steps after `step` from the log at path, and those of earlier starts
+    from it: a resumed run takes those steps again (a run stopped by a crash or a full disk
+    logged steps its checkpoint lacks), so each step keeps one record of each kind."""
+    def kept(r):
+        return r['step'] < step or (r['step'] == step and r['type'] != 'start')
+    with open(path) as f:
+        lines = f.readlines()  # a line cut short by a crash does not end the record: dropped
+    keep = [line for line in lines if line.endswith('}\n') and kept(json.loads(line))]
+    if len(keep) < len(lines):
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(path + '.tmp', path)
+        say(f"note: dropped {len(lines) - len(keep)} records after step {step} from {path}")
+
+def last_good():
+    return (f"the last good checkpoint {ckpt_path} (step {last_saved}) is kept"
+            if last_saved is not None else "no checkpoint had been written yet")
+
+# A new run keeps an earlier run's checkpoint and log where they are until it saves its own
 # first checkpoint; until then its log records wait in `pending` (they are printed anyway).
-pending = [] if master and init_from == 'scratch' and not eval_only else None
-log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master and pending is None else None
+# --eval_only writes nothing.
+log_path = os.path.join(out_dir, 'log.jsonl')
+last_saved = step if init_from == 'resume' else None
+pending = [] if master and init_from != 'resume' and not eval_only else None
+log_file = None
+if master and init_from == 'resume' and not eval_only:
+    if os.path.exists(log_path):
+        keep_log_until(log_path, step)
+    log_file = open(log_path, 'a')
 
 def log(record):
     if pending is not None:
         pending.append(record)
     elif log_file is not None:
-        log_file.write(json.dumps(record) + '\n')
-        log_file.flush()
+        try:
+            log_file.write(json.dumps(record) + '\n')
+            log_file.flush()
+        except OSError as e:
+            sys.exit(f"error: could not write {log_path} ({e.strerror}); {last_good()}")
 
 def save(val_loss):
     global pending, log_file, last_saved
@@ -311,15 +373,20 @@ def save(val_loss):
                 os.replace(os.path.join(out_dir, name), os.path.join(out_dir, prev))
                 print(f"note: moved the earlier run's {out_dir}/{name} to {prev} (--init_from=resume "
                       f"continues a run instead)")
-        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'w')
-        log_file.writelines(json.dumps(r) + '\n' for r in pending)
-        pending = None
-    save_checkpoint({
-        'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
-        'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'config': config,
-        'controller': ctrl.state_dict() if ctrl else None, 'step': step, 'rng': rng_state(),
-        'data_state': train_stream.state_dict(), 'meta': meta, 'best_val_loss': best_val_loss,
-        'val_loss': val_loss, 'train_flops': train_flops, 'train_time': train_time}, ckpt_path)
+        log_file = open(log_path, 'w')
+        records, pending = pending, None
+        for r in records:
+            log(r)
+    try:
+        save_checkpoint({
+            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'model_args': model_args, 'config': config, 'meta': meta, 'step': step,
+            'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'rng': rng_state(),
+            'controller': ctrl.state_dict() if ctrl else None, 'val_loss': val_loss,
+            'data_state': train_stream.state_dict(), 'best_val_loss': best_val_loss,
+            'train_flops': train_flops, 'train_time': train_time}, ckpt_path)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}; {last_good()}")
     last_saved = step
     say(f"saved {ckpt_path} (step {step})")
 
@@ -344,7 +411,6 @@ def run_eval(force_save=False):
     if master and not eval_only and step > 0 and (improved or always_save_checkpoint or force_save):
         save(val_loss)
 
-os.makedirs(out_dir, exist_ok=True)
 log({'type': 'start', 'step': step, 'resumed': init_from == 'resume', 'world_size': world,
      'grad_accum': grad_accum, 'tokens_per_step': tokens_per_step, 'device': str(device),
      'dtype': dtype,  # strict JSON has no Infinity: unbounded controller limits become strings
@@ -370,7 +436,6 @@ for sig in (signal.SIGTERM, signal.SIGINT):
 # -----------------------------------------------------------------------------
 # the training loop
 end = stop_iter or max_iters
-last_saved = step if init_from == 'resume' else None
 evaluated_at = last_saved  # a resumed step was evaluated before it was saved
 stopping = False
 while True:
@@ -386,7 +451,7 @@ while True:
     t0 = time.time()
     # this step's averages over micro-steps and processes: each adds its share, then one sum
     stats = {k: torch.zeros(n_layer if k.startswith('gate') else (), device=device)
-             for k in ('ce', 'reg', 'gate_mean', 'gate_var', 'gate_zero', 'stop')}
+             for k in ('ce', 'reg', 'gate_mean', 'gate_sq', 'gate_zero', 'stop')}
     share = 1 / (grad_accum * world)
     for micro in range(grad_accum):
         x, y = (torch.from_numpy(a) for a in train_stream.next())
@@ -403,18 +468,16 @@ while True:
         stats['ce'] += ce.detach().float() * share
         stats['reg'] += reg.detach().float() * share
         if gates is not None:
-            means, variances = gate_moments(gates)
+            means, squares = gate_moments(gates)
             stats['gate_mean'] += means * share
-            stats['gate_var'] += variances * share
+            stats['gate_sq'] += squares * share
             stats['gate_zero'] += (gates.detach() == 0).float().mean((1, 2)) * share
     stats['stop'] += float(bool(stop_signal))  # a signal to any process stops them all
     s = sum_over_processes(stats)  # every process gets the same numbers
     loss = s['ce'] + s['reg']
     if not math.isfinite(loss):
-        where = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is kept"
-                 if last_saved is not None else "no checkpoint had been written yet")
         sys.exit(f"error: non-finite loss at step {step + 1} (ce {s['ce']}, reg {s['reg']}); "
-                 f"training stopped without saving; {where}")
+                 f"training stopped without saving; {last_good()}")
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -423,7 +486,8 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     sparsity = 0.0
     if ctrl is not None:  # the same inputs on every process, so the same state everywhere
-        ctrl.update(*(torch.tensor(s[k], device=device) for k in ('gate_mean', 'gate_var')))
+        mean, square = (torch.tensor(s[k], device=device) for k in ('gate_mean', 'gate_sq'))
+        ctrl.update(mean, (square - mean * mean).clamp_min(0))  # the whole step's variance
         sparsity = sum(s['gate_zero']) / n_layer
     flops = model.flops_per_token(sparsity)
     train_flops += 3 * flops * tokens_per_step
@@ -434,7 +498,7 @@ while True:
 
     if step % log_interval == 0 or step == end or step == 1 or stopping:
         tok_s = tokens_per_step / dt
-        mfu = model.mfu(tok_s / world, device, sparsity)
+        mfu = model.mfu(tok_s / world, device, sparsity if skip else 0.0)  # pairs computed
         say(f"step {step} | loss {loss:.4f} | ce {s['ce']:.4f} | reg {s['reg']:+.2e} | "
             f"lr {lr:.2e} | sparsity {sparsity:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
             f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
@@ -451,5 +515,6 @@ while True:
 
 if wandb:
     wandb.finish()
-if ddp:
+if ddp:  # every process waits for the last checkpoint before the group goes down
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
