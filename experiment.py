@@ -3,7 +3,10 @@ Does skipping pay? The paper's comparison at a scale you can afford: dense basel
 several depths and gated models at several sparsity targets (trained with --skip=true, so
 skipped layers are really not computed), on the same data with the same token budget. Then
 validation cross-entropy against estimated forward FLOPs per token and against measured
-training and evaluation time per token, beside decode speed with and without skipping.
+training and evaluation time per token, beside decode speed with and without skipping. At CPU
+scale also the ablation the paper's release did not run: a gated model whose closed gates leave
+their keys visible (--hide_closed_keys=false, how the authors' released models were trained),
+which cannot skip whole-sequence passes and must still compute skipped tokens' keys and values.
 
     python experiment.py                          # CPU scale: bundled Shakespeare, ~20 min on 2 cores
     python experiment.py --scale=fineweb --nproc=8   # the paper's FineWeb setup on a GPU box
@@ -35,10 +38,11 @@ SCALES = {
         common=['--dataset=shakespeare_char', '--block_size=128', '--batch_size=16', '--n_embd=128',
                 '--n_head=4', '--n_kv_head=4', '--max_iters=1000', '--eval_interval=500',
                 '--eval_tokens=32768', '--log_interval=100', '--learning_rate=2e-3', '--ctrl_lr=2e-2'],
-        dense_layers=[2, 4, 6], gated_layers=6, gated_targets=[0.75, 0.5, 0.25]),
+        dense_layers=[2, 4, 6], gated_layers=6, gated_targets=[0.75, 0.5, 0.25],
+        visible_targets=[0.5]),
     'fineweb': dict(
         common=['config/fineweb_gated.py'],  # the paper's setup; --gated=false for the baselines
-        dense_layers=[2, 4, 6, 8, 10, 12], gated_layers=12, gated_targets=[0.5]),
+        dense_layers=[2, 4, 6, 8, 10, 12], gated_layers=12, gated_targets=[0.5], visible_targets=[]),
 }
 # settings
 scale = 'cpu'            # 'cpu' or 'fineweb' (see SCALES above)
@@ -57,18 +61,23 @@ results = results or os.path.join('results', scale)
 
 
 def runs_for(scale):
-    s = SCALES[scale]
-    runs = [dict(name=f'dense{L}', n_layer=L, gated=False, target='') for L in s['dense_layers']]
-    return runs + [dict(name=f"gated{s['gated_layers']}_t{t}", n_layer=s['gated_layers'], gated=True,
-                        target=t) for t in s['gated_targets']]
+    s, L = SCALES[scale], SCALES[scale]['gated_layers']
+    runs = [dict(name=f'dense{n}', n_layer=n, gated=False, target='', keys='')
+            for n in s['dense_layers']]
+    runs += [dict(name=f"gated{L}_t{t}", n_layer=L, gated=True, target=t, keys='hidden')
+             for t in s['gated_targets']]
+    return runs + [dict(name=f"gated{L}_t{t}_keys_visible", n_layer=L, gated=True, target=t,
+                        keys='visible') for t in s['visible_targets']]
 
 
 def train_command(run, out_dir):
     launcher = ['python'] if nproc == 1 else ['torchrun', '--standalone', f'--nproc_per_node={nproc}']
     args = SCALES[scale]['common'] + [f'--out_dir={out_dir}', f"--n_layer={run['n_layer']}",
                                       f"--gated={str(run['gated']).lower()}"]
-    if run['gated']:
+    if run['keys'] == 'hidden':
         args += [f"--ctrl_target_end={run['target']}", '--skip=true']
+    elif run['keys'] == 'visible':  # every key is needed: no packing, no --skip
+        args += [f"--ctrl_target_end={run['target']}", '--hide_closed_keys=false']
     return launcher + ['train.py'] + args + train_args
 
 
@@ -103,6 +112,7 @@ def summarize(run, out_dir):
     model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     model.eval()
     row = dict(run=run['name'], n_layer=run['n_layer'], gated=run['gated'], target=run['target'],
+               keys=run['keys'],
                val_ce=round(last['val_loss'], 4), sparsity=round(last['sparsity'], 4),
                flops_per_token=round(last['flops_per_token']),
                flops_per_token_no_skip=round(model.flops_per_token(0.0)),
@@ -127,7 +137,7 @@ def write_results(name, command, rows):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    head = ['run', 'layers', 'gated', 'target', 'val CE', 'sparsity', 'fwd MFLOPs/token, skips counted',
+    head = ['run', 'layers', 'gated', 'target', 'closed keys', 'val CE', 'sparsity', 'fwd MFLOPs/token, skips counted',
             'fwd MFLOPs/token, every layer', 'train s', 'train us/token', 'eval us/token',
             'decode tok/s, skipping', 'decode tok/s, every layer', 'layers run / decoded token']
     lines = [f"Made by `{command}` on {stamp}.", '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -150,14 +160,18 @@ def plot(rows, title, path):
         print('(matplotlib is not installed: no plot; `pip install matplotlib` for one)')
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    dense, gated = [r for r in rows if not r['gated']], [r for r in rows if r['gated']]
+    dense = [r for r in rows if not r['gated']]
+    gated = [r for r in rows if r['gated'] and r['keys'] == 'hidden']
+    visible = [r for r in rows if r['keys'] == 'visible']
     for ax, x, label in ((axes[0], 'flops_per_token', 'estimated forward FLOPs per token'),
                          (axes[1], 'train_us_per_token', 'measured training time per token (us)')):
         ax.plot([r[x] for r in dense], [r['val_ce'] for r in dense], 'o-', color='k',
                 label='dense, n_layer = 2, 4, ...')
         ax.scatter([r[x] for r in gated], [r['val_ce'] for r in gated], color='C3', zorder=3,
                    label='gated, skipped layers not computed')
-        for r in dense + gated:
+        ax.scatter([r[x] for r in visible], [r['val_ce'] for r in visible], color='C0', zorder=3,
+                   marker='s', label="gated, closed keys visible (the release's semantics)")
+        for r in dense + gated + visible:
             ax.annotate(str(r['n_layer']) if not r['gated'] else f"t={r['target']}", (r[x], r['val_ce']),
                         textcoords='offset points', xytext=(4, 4))
         ax.set_xlabel(label)

@@ -53,7 +53,9 @@ def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
         "--log_interval=2", "--n_embd=32", "--block_size=32", "--batch_size=4", f"--data_dir={data}")
     with open(f"{name}.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["dense2", "dense4", "dense6", "gated6_t0.75", "gated6_t0.5", "gated6_t0.25"]
+    assert [r["run"] for r in rows] == ["dense2", "dense4", "dense6", "gated6_t0.75", "gated6_t0.5", "gated6_t0.25",
+                                        "gated6_t0.5_keys_visible"]
+    assert [r["keys"] for r in rows] == ["", "", "", "hidden", "hidden", "hidden", "visible"]
     dense, gated = rows[:3], rows[3:]
     assert [float(r["flops_per_token"]) for r in dense] == sorted(float(r["flops_per_token"]) for r in dense)
     for r in gated:
