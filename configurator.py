@@ -77,7 +77,7 @@ def configure(scope, argv=None):
 
 
 def _one_line_errors(kind, error, tb):
-    if issubclass(kind, ValueError) and kind.__module__ in ('model', 'prepare'):
+    if issubclass(kind, ValueError) and kind.__module__ in ('model', 'prepare', 'checkpoints'):
         print(f"error: {error}", file=sys.stderr)
     elif issubclass(kind, BrokenPipeError):  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

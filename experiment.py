@@ -8,7 +8,7 @@ scale also the ablation the paper's release did not run: a gated model whose clo
 their keys visible (--hide_closed_keys=false, how the authors' released models were trained),
 which cannot skip whole-sequence passes and must still compute skipped tokens' keys and values.
 
-    python experiment.py                          # CPU scale: bundled Shakespeare, ~20 min on 2 cores
+    python experiment.py                          # CPU scale: bundled Shakespeare, 20-40 min on 2 cores
     python experiment.py --scale=fineweb --nproc=8   # the paper's FineWeb setup on a GPU box
     python experiment.py --scale=fineweb --dry_run   # print the train.py commands only
     python experiment.py --report_only            # rebuild the table and plot from finished runs
@@ -28,8 +28,8 @@ import time
 
 import torch
 
+from checkpoints import load_checkpoint
 from configurator import configure
-from model import load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Every run of a scale shares its train.py settings; runs differ only in depth and gating.

@@ -4,8 +4,8 @@ to Skip the Middle Layers of Transformers" (2025), https://arxiv.org/abs/2506.21
 
 Read top to bottom: config, RMSNorm, rotary embeddings, attention, SwiGLU, the
 sandwich-norm block, a block run on only the tokens that do not skip it, the model with its
-gate heads, generation with a KV cache that really skips layers, the gate regularizer with its
-controllers, and checkpoints.
+gate heads, generation with a KV cache that really skips layers, and the gate regularizer with its
+controllers. (Checkpoints, ours and the authors' released models, are in checkpoints.py.)
 
 The idea in one picture (L = 6 layers, one token):
 
@@ -20,9 +20,6 @@ adds nothing to it and no other token may attend to its key there.
 
 import functools
 import math
-import os
-import re
-import shutil
 import warnings
 from dataclasses import dataclass
 
@@ -125,15 +122,12 @@ CLOSED = -1e4  # the attention bias of a closed gate's key (see gate_bias)
 
 
 def gate_bias(g, eps):
-    """The attention bias of a key whose gate is g, added to every query's score on that key:
-    log(max(g, eps)) for an open gate (0 at g = 1; differentiable, so the gate heads also learn
-    from what hiding a key does to the other tokens), and CLOSED = -1e4 for a closed one (g = 0).
-    A closed key's softmax weight is then exp(-1e4 + a score gap) = 0 exactly in float32,
-    bfloat16 and float16, for any gap below ~9,900: the key is hidden exactly as if it were
-    absent, which is how real skipping treats it. log(1e-6) = -14 alone would not do: trained
-    heads have score gaps larger than that. A finite -1e4 rather than -inf leaves no softmax row
-    empty (a closed query whose visible keys are all closed still gets a finite output, which
-    its gate of 0 then discards). The closed bias carries no gradient, as g = 0 has none."""
+    """The attention bias of a key whose gate is g, added to every query's score on it:
+    log(max(g, eps)) for an open gate (differentiable: the gate heads learn from what hiding a
+    key does to other tokens), CLOSED for a closed one (g = 0). Its softmax weight exp(-1e4 +
+    a score gap) is then 0 exactly (fp32, bf16, fp16; gaps under ~9,900): the key is as absent
+    as real skipping makes it, where log(1e-6) = -14 alone would leak through sharp heads. A
+    finite bias rather than -inf leaves no softmax row empty."""
     return torch.log(g.clamp_min(eps)).masked_fill(g == 0, CLOSED)
 
 
@@ -145,8 +139,8 @@ _causal_block_masks = {}  # eager code's FlexAttention block masks, one per (len
 
 
 def causal_block_mask(T, device):
-    """FlexAttention's causal block mask for length T. Traced code makes it inside the graph,
-    so a compiled model keeps no state that guards could depend on; eager code keeps one."""
+    """FlexAttention's causal block mask for length T: made inside the graph in traced code
+    (a compiled model keeps no state for guards to watch), kept per length in eager code."""
     if torch.compiler.is_compiling():
         return create_block_mask(causal, None, None, T, T, device=device)
     if (T, str(device)) not in _causal_block_masks:
@@ -161,11 +155,9 @@ def compiled_flex():
 
 
 def flex_kernel(device):
-    """The FlexAttention to call. In traced code, plain flex_attention: the compiled model's
-    graph fuses it. In eager code on CUDA (evaluation), the compiled kernel: FlexAttention is
-    fused only when compiled. That is made once, and only ever outside traced code: made inside,
-    torch.compile would be a no-op, and every later eager call would run the unfused reference.
-    On CPUs, eager FlexAttention: a slow reference, for tests."""
+    """The FlexAttention to call: in traced code plain flex_attention, which the graph fuses; in
+    eager code on CUDA the compiled kernel (FlexAttention is fused only when compiled), made once
+    and never inside a trace, where torch.compile would be a no-op; on CPUs the eager reference."""
     if torch.compiler.is_compiling() or device.type != "cuda":
         return flex_attention
     return compiled_flex()
@@ -182,12 +174,10 @@ BIAS_CHANNELS = 8  # extra channels that carry the key bias into SDPA's fused ke
 
 
 def sdpa_causal_with_key_bias(q, k, v, key_bias):
-    """Causal attention (B, H, T, hd) with score[b, h, q, k] += key_bias[b, k], on SDPA's fused
-    causal kernel. The bias rides in one extra channel: q gains sqrt(hd) and k gains the bias, so
-    q.k / sqrt(hd) gains exactly the bias. (A float attn_mask would work too, but a mask that
-    needs a gradient sends SDPA to its slow unfused path, and the gate heads need that gradient.)
-    v gets extra channels too, since the fused kernels want one head dim for q, k and v; 8 of
-    them (7 zero), as they run fastest, and on CUDA only, at head dims in multiples of 8."""
+    """Causal attention (B, H, T, hd) with score[b, h, q, k] += key_bias[b, k] on SDPA's fused
+    causal kernel (a float mask that needs a gradient would send SDPA to its unfused path): q
+    gains a channel sqrt(hd) and k one with the bias, so q.k / sqrt(hd) gains the bias. v gains
+    zeros, as the kernels want one head dim; 8 channels, as CUDA's want multiples of 8."""
     hd, extra = q.size(-1), BIAS_CHANNELS
     extra_q = F.pad(q.new_full((*q.shape[:-1], 1), hd ** 0.5), (0, extra - 1))
     extra_k = F.pad(key_bias[:, None, :, None].expand(-1, k.size(1), -1, 1), (0, extra - 1))
@@ -271,12 +261,10 @@ class Block(nn.Module):
 
 
 def layer_key_bias(g, eps):
-    """The attention key bias (B, T) of a layer whose gates are g (B, T, 1), or None when every
-    gate is exactly 1. Then the bias log(1) is all 0 and so is its gradient: g = 1 means every
-    gate head's relu so far sat at or below 0, where relu's gradient is 0, so no gradient flows
-    through g at all. None runs SDPA's fused causal kernel, the same function forward and
-    backward, only faster; after training, the outer layers often have only gates of 1. (The
-    check is a host sync, so compiled graphs skip it and keep the bias.)"""
+    """The key bias (B, T) of a layer with gates g (B, T, 1), or None (plain causal attention,
+    faster) when every gate is exactly 1: then the bias is 0 and so is its gradient, since g = 1
+    means every gate head's relu sat at or below 0, where relu has no gradient. (The check is a
+    host sync, so compiled graphs skip it.)"""
     if not torch.compiler.is_compiling() and not bool((g < 1).any()):
         return None
     return gate_bias(g.squeeze(-1), eps)
@@ -306,13 +294,11 @@ def run_active_tokens(block, x, cos, sin, g, eps, backend, keep_kv=False):
     return run_packed(block, x, cos, sin, g, active, max(n, 1), eps, keep_kv)
 
 
-# The same, for compiled models: torch.compile leaves it to Python and compiles what it calls
-# (recursive=False). Traced, its host sync and its branches would split a graph in the middle
-# of the layer loop, and each branch would be compiled anew for each layer. Left to Python,
-# each compiled piece sees few shapes: the block at full length, with and without the bias,
-# and run_packed, whose packed length torch.compile makes dynamic after its first change.
-# (torch._disable_dynamo is torch.compiler.disable, without importing torch.compile's
-# machinery, seconds of start-up, until it is first used.)
+# For compiled models: torch.compile leaves this to Python and compiles what it calls. Traced,
+# its host sync and branches would be compiled anew per layer and branch; left to Python, the
+# compiled pieces see few shapes (run_packed's length becomes dynamic after its first change).
+# torch._disable_dynamo is torch.compiler.disable without importing it, seconds of start-up,
+# before first use.
 run_active_tokens_uncompiled = torch._disable_dynamo(run_active_tokens, recursive=False)
 
 
@@ -337,10 +323,9 @@ def run_packed(block, x, cos, sin, g, active, n, eps, keep_kv):
 
 
 def next_gate(head, x, m):
-    """The gate (B, T, 1) of a layer i < L/2 from its gate head and the stream x entering it, and
-    the running sum m = relu(w_i . x + b_i) + m_{i-1}. (Layer L-1-i reuses the gate: the mirror.
-    The callers write that out rather than call a method taking i, which torch.compile would
-    compile once per layer when the layer loop runs in Python.)"""
+    """Gate (B, T, 1) of a layer i < L/2 from its head and the stream x entering it, and the sum
+    m = relu(w_i . x + b_i) + m_{i-1}. (Callers reuse it for layer L-1-i, the mirror, inline: a
+    method taking i would be compiled once per layer when the layer loop runs in Python.)"""
     m = F.relu(head(x)).float() + m
     return 1.0 - m.clamp(0.0, 1.0), m
 
@@ -495,8 +480,8 @@ class GPT(nn.Module):
         skip-middle-fineweb-gated-target-end-0.6) or a local folder holding its config.json and
         model.safetensors. A GPT in float32 on the CPU, with the semantics it was trained with
         (hide_closed_keys=False). Raises CheckpointError (one line) if it cannot load. The
-        conversion lives in pretrained.py, beside this file."""
-        from pretrained import load_released
+        conversion lives in checkpoints.py, beside this file."""
+        from checkpoints import load_released
         return load_released(name_or_folder)
 
     def configure_optimizer(self, learning_rate, betas, weight_decay, device_type, eps=1e-8):
@@ -748,82 +733,3 @@ class GateController:
         self.mean_coefs = state["mean_coefs"].to(device)
         self.var_coefs = state["var_coefs"].to(device)
         self.ema = {k: v.to(device) for k, v in state["ema"].items()}
-
-
-# -------------------------------------------------------------------- checkpoints
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or made with other settings (one line)."""
-
-
-def save_checkpoint(state, path):
-    """torch.save to a temp file beside path, fsync, then rename: a crash at any moment leaves
-    either the old checkpoint or the new one, never half of one. A failed write (a full disk,
-    a read-only folder) removes the temp file and raises CheckpointError; path is untouched."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch's writer reports a failed write as RuntimeError
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        while e.__context__ is not None and not isinstance(e, OSError):
-            e = e.__context__  # torch's writer reports the OS error's consequence instead
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
-        raise CheckpointError(f"could not write {path} ({reason}, {free:,.0f} MiB free there)"
-                              ) from None
-
-
-def rng_state():
-    """The state of the random number generators training uses, for exact resumes."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_model_args(path, saved_args, model_args):
-    """A one-line CheckpointError naming the first setting in which the checkpoint at path
-    (saved_args) and this run (model_args) differ."""
-    for k, new in model_args.items():
-        old = saved_args.get(k, GPTConfig.__dataclass_fields__[k].default)
-        if old != new:
-            fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
-            raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
-                                  f"{k}={new!r}; {fix} or use another out_dir")
-
-
-def load_checkpoint(path, device="cpu", model_args=None):
-    """(model, checkpoint dict) from a file train.py wrote; no code from the file runs. With
-    model_args (this run's), first check the checkpoint was made with the same ones."""
-    where = os.path.dirname(path) or "."
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: train one with "
-                              f"`python train.py --out_dir={where}`")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        saved_args = ckpt["model_args"]
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
-    except Exception as e:  # truncated file, unpickling error, not a dict, ...
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is not a usable train.py checkpoint ({first_line}); "
-                              f"train again or pick another out_dir") from None
-    if model_args:
-        check_model_args(path, saved_args, model_args)
-    model = GPT(GPTConfig(**saved_args))
-    # torch.compile and DDP save parameters under _orig_mod. and module. prefixes
-    state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit its model_args "
-                              f"({str(e).strip().splitlines()[-1].strip()})") from None
-    return model.to(device), ckpt

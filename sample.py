@@ -7,7 +7,7 @@ a KV cache and real layer skipping.
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=50 --top_p=0.95
     python sample.py --show_skips                      # colour each token by the layers it ran
     python sample.py --init_from=tim-lawson/skip-middle-fineweb-gated-target-end-0.6 \
-        --start="The meaning of life is" --show_skips   # a released model (see pretrained.py)
+        --start="The meaning of life is" --show_skips   # a released model (see checkpoints.py)
 
 It prints the samples, then tokens/s, the mean number of layers each new token ran, and the
 estimated compute saved versus running every layer.
@@ -18,13 +18,14 @@ import time
 
 import torch
 
+from checkpoints import load_checkpoint
 from configurator import check_out_dir, configure, device_and_dtype
-from model import GPT, load_checkpoint
+from model import GPT
 from prepare import DataError, get_tokenizer
 
 # settings
 init_from = 'resume'     # 'resume': out_dir/ckpt.pt; or a released model: a Hugging Face hub
-                         # id (tim-lawson/skip-middle-...) or a folder (see pretrained.py)
+                         # id (tim-lawson/skip-middle-...) or a folder (see checkpoints.py)
 out_dir = 'out'          # the folder holding ckpt.pt
 start = '\n'             # the prompt, or FILE:path to read it from a file
 num_samples = 1

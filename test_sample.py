@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import tiktoken
-from model import GPT, CheckpointError, GPTConfig
+from checkpoints import CheckpointError
+from model import GPT, GPTConfig
 from prepare import DataError
 
 CHARS = sorted("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")  # as prepare.py stores them
@@ -135,7 +136,7 @@ def test_cli_prints_one_line_errors(tmp_path):
 
 def test_sampling_a_released_model(monkeypatch, capsys):
     """--init_from=<folder> samples from a model in the authors' released format (the fixture
-    of test_pretrained.py) with GPT-2 tokens; tiktoken's files are not here, so a stand-in
+    of test_checkpoints.py) with GPT-2 tokens; tiktoken's files are not here, so a stand-in
     tokenizer maps bytes to ids."""
     pytest.importorskip("safetensors")
 

@@ -472,3 +472,35 @@ def test_two_nodes_prepare_train_and_exit_cleanly(tmp_path):
         for node, (out, err) in zip(nodes, results):
             assert node.returncode == 0, (attempt, out[-1500:], err[-1500:])
         assert 'ddp gloo' in results[0][0] and load(tmp_path / f'out{attempt}')['step'] == 6
+
+
+def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
+    """--init_from=<a folder in the authors' released format> with GPT-2-tokenized data (here
+    made up: ids below the fixture's 128): --eval_only evaluates it and writes nothing; a short
+    fine-tune keeps the release's sizes and semantics in its checkpoint, and resumes from it with
+    this run's default model settings; char data is refused in one line."""
+    pytest.importorskip('safetensors')
+    import numpy as np
+    from prepare import write_shard
+    release = os.path.join(ROOT, 'data', 'skip_middle_tiny')
+    data = tmp_path / 'gpt2data'
+    data.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 128, 20000)
+    write_shard(str(data / 'toy_train_000000.bin'), tokens[:18000])
+    write_shard(str(data / 'toy_val_000000.bin'), tokens[18000:])
+    (data / 'meta.json').write_text(json.dumps({'tokenizer': 'gpt2', 'vocab_size': 128,
+                                                'command': 'made by the test'}))
+    args = ['--block_size=32', '--batch_size=4', '--eval_tokens=512', '--log_interval=1',
+            f'--data_dir={data}', f'--init_from={release}']
+    out = tmp_path / 'tuned'
+    p = run(args + ['--eval_only'], str(out))
+    assert 'eval step 0 | val ce' in p.stdout and 'hide_closed_keys=False' in p.stdout
+    assert not out.exists()
+    run(args + ['--max_iters=6', '--stop_iter=3', '--eval_interval=3'], str(out))
+    saved = load(out)['model_args']
+    assert (saved['n_embd'], saved['n_layer'], saved['hide_closed_keys']) == (64, 4, False)
+    p = run(['--block_size=32', '--batch_size=4', '--eval_tokens=512', '--max_iters=6',
+             '--eval_interval=3', f'--data_dir={data}', '--init_from=resume'], str(out))
+    assert 'resuming from' in p.stdout and load(out)['step'] == 6
+    one_line_error(run(TINY + [f'--init_from={release}'], str(tmp_path / 'char'), ok=False),
+                   'reads GPT-2 tokens', 'char tokens')

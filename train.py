@@ -33,16 +33,17 @@ import time
 import numpy as np
 import torch
 
+from checkpoints import (CheckpointError, check_model_args, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from configurator import check_out_dir, configure, device_and_dtype
-from model import (GPT, CheckpointError, GPTConfig, GateController, check_model_args, gate_moments,
-                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from model import GPT, GPTConfig, GateController, gate_moments
 from prepare import TokenStream, first_tokens, load_meta, prepare, same_tokens, shard_paths
 
 # settings
 # I/O
 out_dir = 'out'
 init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt), or a released model of the
-                               # paper's authors: a hub id or folder (pretrained.py), GPT-2 data
+                               # paper's authors: a hub id or folder (checkpoints.py), GPT-2 data
 eval_interval = 200            # evaluate and checkpoint every this many steps, and at the end
 eval_tokens = 16384            # validation tokens per evaluation: always the first ones of val
 eval_only = False              # evaluate out_dir/ckpt.pt (or --init_from's model) once; writes nothing
@@ -251,7 +252,8 @@ if ddp:
     train_model = torch.nn.parallel.DistributedDataParallel(
         train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
 processes = f"ddp {torch.distributed.get_backend()}" if ddp else "single process"
-say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model {model_vocab}); "
+say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model "
+    f"{model.config.vocab_size}); "
     f"model {model.num_params() / 1e6:.2f}M non-embedding params, "
     f"{('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'}, "
     f"{n_layer} layers; device {device} x {world} ({processes}), {dtype}, compile {use_compile}")

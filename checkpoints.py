@@ -1,7 +1,10 @@
 """
-The authors' released models as GPTs of model.py: T. Lawson and L. Aitchison's FineWeb models
-on the Hugging Face hub (MIT licence), e.g. tim-lawson/skip-middle-fineweb-baseline-4-layers or
-tim-lawson/skip-middle-fineweb-gated-target-end-0.6. Use it through GPT.from_pretrained:
+Checkpoints: train.py's own, written atomically and read back with checks, and the paper's
+authors' released models converted to GPTs of model.py.
+
+Released models: T. Lawson and L. Aitchison's FineWeb models on the Hugging Face hub (MIT
+licence), e.g. tim-lawson/skip-middle-fineweb-baseline-4-layers or
+tim-lawson/skip-middle-fineweb-gated-target-end-0.6. Use them through GPT.from_pretrained:
 
     model = GPT.from_pretrained('tim-lawson/skip-middle-fineweb-gated-target-end-0.6')
     model = GPT.from_pretrained('path/to/folder')    # holding config.json and model.safetensors
@@ -24,10 +27,93 @@ Reading the files needs safetensors, and a hub id needs huggingface_hub; both ar
 """
 import json
 import os
+import re
+import shutil
 
 import torch
 
-from model import GPT, CheckpointError, GPTConfig
+from model import GPT, GPTConfig
+
+# -------------------------------------------------------------------- train.py's
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or made with other settings (one line)."""
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temp file beside path, fsync, then rename: a crash at any moment leaves
+    either the old checkpoint or the new one, never half of one. A failed write (a full disk,
+    a read-only folder) removes the temp file and raises CheckpointError; path is untouched."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a failed write as RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        while e.__context__ is not None and not isinstance(e, OSError):
+            e = e.__context__  # torch's writer reports the OS error's consequence instead
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
+        raise CheckpointError(f"could not write {path} ({reason}, {free:,.0f} MiB free there)"
+                              ) from None
+
+
+def rng_state():
+    """The state of the random number generators training uses, for exact resumes."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_model_args(path, saved_args, model_args):
+    """A one-line CheckpointError naming the first setting in which the checkpoint at path
+    (saved_args) and this run (model_args) differ."""
+    for k, new in model_args.items():
+        old = saved_args.get(k, GPTConfig.__dataclass_fields__[k].default)
+        if old != new:
+            fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
+            raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
+                                  f"{k}={new!r}; {fix} or use another out_dir")
+
+
+def load_checkpoint(path, device="cpu", model_args=None):
+    """(model, checkpoint dict) from a file train.py wrote; no code from the file runs. With
+    model_args (this run's), first check the checkpoint was made with the same ones."""
+    where = os.path.dirname(path) or "."
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one with "
+                              f"`python train.py --out_dir={where}`")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        saved_args = ckpt["model_args"]
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    except Exception as e:  # truncated file, unpickling error, not a dict, ...
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a usable train.py checkpoint ({first_line}); "
+                              f"train again or pick another out_dir") from None
+    if model_args:
+        check_model_args(path, saved_args, model_args)
+    model = GPT(GPTConfig(**saved_args))
+    # torch.compile and DDP save parameters under _orig_mod. and module. prefixes
+    state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit its model_args "
+                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+    return model.to(device), ckpt
+
+
+# -------------------------------------------------------------------- released models
 
 FILES = ('config.json', 'model.safetensors')
 

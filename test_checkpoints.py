@@ -1,4 +1,4 @@
-"""Tests of pretrained.py: the authors' released models, loaded without network.
+"""Tests of checkpoints.py: train.py's checkpoints, and the authors' released models (no network).
 
 The fixture data/skip_middle_tiny/ was made once by the authors' own code
 (github.com/tim-lawson/skip-middle at commit 9b21b2d): their gated Transformer with dim 64,
@@ -11,23 +11,25 @@ from their causal training path in float32. data/skip_middle_tiny/README.md has 
 """
 
 import builtins
+import importlib.util
 import os
 
 import pytest
 import torch
 
-pytest.importorskip("safetensors")
-from safetensors.torch import load_file  # noqa: E402
-
-import model as M  # noqa: E402
-import pretrained as P  # noqa: E402
-from model import GPT, CheckpointError  # noqa: E402
+import checkpoints
+import model as M
+from checkpoints import CheckpointError
+from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+released = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
+                              reason="the released format needs safetensors")
 FIXTURE = os.path.join(HERE, "data", "skip_middle_tiny")
 
 
 def reference():
+    from safetensors.torch import load_file
     return load_file(os.path.join(FIXTURE, "reference_outputs.safetensors"))
 
 
@@ -38,6 +40,7 @@ def largest_logit_difference(m):
     return (logits - ref["logits"]).abs().max().item()
 
 
+@released
 def test_released_model_matches_the_authors_code(monkeypatch):
     m = GPT.from_pretrained(FIXTURE)
     assert m.config.gated and not m.config.hide_closed_keys
@@ -47,7 +50,7 @@ def test_released_model_matches_the_authors_code(monkeypatch):
     assert largest_logit_difference(m) < 1e-4
     assert torch.allclose(m(ref["idx"])[2], ref["gates"], atol=1e-5)
     # the same check fails without the rotary row order, or with closed keys hidden
-    monkeypatch.setattr(P, "rotate_half_rows", lambda w, n_heads: w)
+    monkeypatch.setattr(checkpoints, "rotate_half_rows", lambda w, n_heads: w)
     assert largest_logit_difference(GPT.from_pretrained(FIXTURE)) > 1e-2
     monkeypatch.undo()
     hidden = GPT.from_pretrained(FIXTURE)
@@ -55,6 +58,7 @@ def test_released_model_matches_the_authors_code(monkeypatch):
     assert largest_logit_difference(hidden) > 1e-2
 
 
+@released
 def test_released_model_generates_as_full_forwards_while_skipping():
     """Greedy generation with the KV cache equals greedy full forward passes. A decoded token
     whose gate is 0 computes only its key and value in those layers (its key stays visible)."""
@@ -70,6 +74,7 @@ def test_released_model_generates_as_full_forwards_while_skipping():
     assert (gates[:, :, 8:] == 0).any()
 
 
+@released
 def test_keys_visible_decoding_computes_keys_but_no_queries_for_skipped_tokens():
     m = GPT.from_pretrained(FIXTURE).eval()
     seq = reference()["idx"]
@@ -89,6 +94,7 @@ def test_keys_visible_decoding_computes_keys_but_no_queries_for_skipped_tokens()
     assert rows["wq"] == (decoded > 0).sum() < decoded.numel()  # only the open ones a query
 
 
+@released
 def test_skip_true_is_refused_when_keys_stay_visible():
     m = GPT.from_pretrained(FIXTURE)
     with pytest.raises(M.ConfigError, match="skip=True needs hide_closed_keys=True"):
@@ -112,6 +118,7 @@ def test_scaled_rope_follows_llama_3_1():
     assert (got < plain.double() * 0.99).any() and (got > plain.double() * 0.99).any()
 
 
+@released
 def test_loading_errors_are_one_line(tmp_path, monkeypatch):
     def one_line(call, *needles):
         with pytest.raises(CheckpointError) as e:
@@ -142,3 +149,26 @@ def test_loading_errors_are_one_line(tmp_path, monkeypatch):
     one_line(lambda: GPT.from_pretrained(str(tmp_path)), "config.json", "KeyError")
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     one_line(lambda: GPT.from_pretrained(str(tmp_path)), "model.safetensors", "cannot read it")
+
+
+def test_checkpoints_are_atomic_and_load_with_their_checks(tmp_path):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=32))
+    path = str(tmp_path / "ckpt.pt")
+    # saved as DDP(torch.compile(model)) names its parameters
+    state = {"model": {f"module._orig_mod.{k}": v for k, v in m.state_dict().items()},
+             "model_args": dict(vars(m.config)), "step": 3}
+    checkpoints.save_checkpoint({"model": {}, "model_args": {}}, path)
+    checkpoints.save_checkpoint(state, path)  # replaces the first one in one step
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    loaded, ckpt = checkpoints.load_checkpoint(path, model_args=dict(vars(m.config)))
+    assert ckpt["step"] == 3
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint .* has n_embd=32 but this run has "
+                                                "n_embd=64; pass --n_embd=32 or use another out_dir"):
+        checkpoints.load_checkpoint(path, model_args=dict(vars(m.config), n_embd=64))
+    state["model_args"]["n_embd"] = 64  # weights that do not fit the model they claim
+    checkpoints.save_checkpoint(state, path)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        checkpoints.load_checkpoint(path)
