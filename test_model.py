@@ -568,12 +568,17 @@ def test_masked_path_equals_real_skipping_with_sharp_attention(monkeypatch, n_la
 
 
 @pytest.mark.parametrize("n_layer", [4, 6])
-def test_greedy_generate_equals_greedy_full_forwards_with_sharp_attention(n_layer):
+def test_greedy_generate_equals_greedy_full_forwards_with_sharp_attention(monkeypatch, n_layer):
     m = peaked_model(n_layer)
-    prompt = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(2))
+    prompt = torch.cat([torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(s))
+                        for s in (2, 4)])
     out, gates = m.generate(prompt, 40, temperature=0, return_gates=True)
     assert (gates[:, :, 8:] == 0).float().mean() > 0.2  # the new tokens do skip
     assert torch.equal(out, decode_without_cache(m, prompt, 40, 0.0, None))
+    # the same check fails when a closed key is only biased by log(gate_eps), as it once was
+    monkeypatch.setattr(M, "CLOSED", math.log(1e-6))
+    assert not torch.equal(m.generate(prompt, 40, temperature=0),
+                           decode_without_cache(m, prompt, 40, 0.0, None))
 
 
 def test_closed_keys_are_exactly_invisible_in_bfloat16():
