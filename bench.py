@@ -23,7 +23,7 @@ import time
 import torch
 
 from configurator import configure, device_and_dtype, settings_block
-from model import GPT, GateController, GPTConfig, KVCache, gate_moments
+from model import GPT, GateController, GPTConfig, KVCache, gate_moments, pooled_variance
 from prepare import TokenStream, load_meta, prepare, shard_paths
 
 MODES = ('train', 'decode', 'skip', 'run')
@@ -287,7 +287,7 @@ def bench_run(max_iters, device):
             r['opt'].zero_grad(set_to_none=True)
             if r['ctrl'] is not None:
                 means, squares = gate_moments(gates)
-                r['ctrl'].update(means, squares - means * means)
+                r['ctrl'].update(means, pooled_variance(means, squares))
                 r['zero'].append((gates == 0).float().mean().item())
             sync(device)
             r['ms'].append(1e3 * (time.perf_counter() - t0))

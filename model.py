@@ -641,6 +641,12 @@ def gate_moments(gates):
     return g.mean((1, 2)), (g * g).mean((1, 2))
 
 
+def pooled_variance(mean, square):
+    """Per-layer variance E[g^2] - E[g]^2 from gate_moments' two parts, each averaged over a
+    whole step (rounding can leave it a hair below 0, hence the clamp)."""
+    return (square - mean * mean).clamp_min(0)
+
+
 CONTROLLERS = ("sparsity", "sparsity_variance", "sparsity_variance_l2", "adaptive",
                "proportional", "proportional_derivative")
 FIXED_COEFS = {"sparsity": (0.01, 0.0), "sparsity_variance": (0.01, -0.01),

@@ -36,7 +36,7 @@ import torch
 from checkpoints import (CheckpointError, check_model_args, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from configurator import check_out_dir, configure, device_and_dtype
-from model import GPT, GPTConfig, GateController, gate_moments
+from model import GPT, GPTConfig, GateController, gate_moments, pooled_variance
 from prepare import TokenStream, first_tokens, load_meta, prepare, same_tokens, shard_paths
 
 # settings
@@ -489,7 +489,7 @@ while True:
     sparsity = 0.0
     if ctrl is not None:  # the same inputs on every process, so the same state everywhere
         mean, square = (torch.tensor(s[k], device=device) for k in ('gate_mean', 'gate_sq'))
-        ctrl.update(mean, (square - mean * mean).clamp_min(0))  # the whole step's variance
+        ctrl.update(mean, pooled_variance(mean, square))  # the whole step's variance
         sparsity = sum(s['gate_zero']) / n_layer
     flops = model.flops_per_token(sparsity)
     train_flops += 3 * flops * tokens_per_step
