@@ -23,7 +23,8 @@ import time
 import torch
 
 from configurator import configure, device_and_dtype, settings_block
-from model import GPT, GateController, GPTConfig, KVCache, gate_moments, pooled_variance
+from model import (GPT, GateController, GPTConfig, KVCache, controller_from_settings, gate_moments,
+                   pooled_variance)
 from prepare import TokenStream, load_meta, prepare, shard_paths
 
 MODES = ('train', 'decode', 'skip', 'run')
@@ -48,8 +49,15 @@ attn_backend = 'auto'    # gated attention: 'auto' (FlexAttention on CUDA), 'sdp
 hide_closed_keys = True  # decode: False computes skipped tokens' keys (the released models)
 seed = 0
 # end of settings
-configure(globals(), [a for a in sys.argv[1:] if a not in MODES])
+_, given = configure(globals(), [a for a in sys.argv[1:] if a not in MODES])
 mode = next((a for a in sys.argv[1:] if a in MODES), 'train')
+MODEL = 'n_layer n_embd n_head n_kv_head vocab_size attn_backend device seed '
+USES = {'train': MODEL + 'block_size batch_size steps repeats dtype compile hide_closed_keys',
+        'skip': MODEL + 'block_size batch_size steps repeats dtype compile',
+        'decode': MODEL + 'repeats context new_tokens skip_fraction hide_closed_keys',
+        'run': 'run_steps device'}  # run: the rest is train.py's defaults
+for key in sorted(given - set(USES[mode].split())):
+    sys.exit(f"error: bench.py {mode} does not use --{key}; it reads {USES[mode].strip()}")
 
 
 def sync(device):
@@ -242,16 +250,35 @@ def bench_skip(model_args, B, T, steps, repeats, device, dtype, use_compile, see
                   f"{1e3 * statistics.median(times[True]):.1f} | {speedup:.2f}x | {ideal:.2f}x | {share} |")
 
 
-def bench_run(max_iters, device):
-    """The default `python train.py` run's training steps, cut to max_iters: train.py's default
-    settings, model, data, optimizer, learning-rate schedule and gate controller, as the dense
-    twin (--gated=false), gated on the masked path (--skip=false) and gated with skipping (the
-    default), stepping in turns on the same batches so that the machine's drifts hit all three
-    alike. Median ms per step over steps 50..max_iters (the gates need some steps to close),
-    and the median of the per-step ratios to dense."""
+def train_settings():
+    """train.py's default settings (its settings block, run as Python)."""
     s = {}
     exec(settings_block(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')), s)
-    data_dir = os.path.join('data', s['dataset'])
+    return s
+
+
+def default_lr(it, s, max_iters):
+    """train.py's learning rate at step it of a max_iters-step run with settings s."""
+    if not s['decay_lr']:
+        return s['learning_rate']
+    warmup = int(s['warmup_frac'] * max_iters)
+    if it < warmup:
+        return s['learning_rate'] * (s['warmup_start'] + (1 - s['warmup_start']) * it / warmup)
+    progress = min(1.0, (it - warmup) / max(1, max_iters - warmup))
+    low = s['learning_rate'] * s['min_lr_frac']
+    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (s['learning_rate'] - low)
+
+
+def bench_run(max_iters, device):
+    """The default `python train.py` run's training steps, cut to max_iters (as train.py
+    --max_iters=max_iters would take them: same model, data, optimizer, schedule and gate
+    controller, from train.py's settings), as the dense twin (--gated=false), gated on the
+    masked path (--skip=false) and gated with skipping (the default), stepping in turns on the
+    same batches so that the machine's drifts hit all three alike. Median ms per step from
+    step 50 (the gates need some steps to close; from max_iters/2 in shorter runs), the median
+    of the per-step ratios to dense, and each run's last loss (train.py's, to the last digit)."""
+    s = train_settings()
+    data_dir = s['data_dir'] or os.path.join('data', s['dataset'])
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
         prepare(s['dataset'])
     meta = load_meta(data_dir)
@@ -261,19 +288,19 @@ def bench_run(max_iters, device):
                               ('gated, masked (--skip=false)', True, False),
                               ('gated, skipping (the default)', True, True)):
         torch.manual_seed(s['seed'])
-        model = GPT(GPTConfig(vocab_size=-(-meta['vocab_size'] // 64) * 64, block_size=T,
-                              n_layer=L, n_head=s['n_head'], n_kv_head=s['n_kv_head'],
-                              n_embd=s['n_embd'], gated=gated)).to(device)
-        opt = model.configure_optimizer(s['learning_rate'], (s['beta1'], s['beta2']), 0.0,
-                                        device.type)
-        ctrl = GateController(s['controller'], L, lr=s['ctrl_lr'], device=device) if gated else None
+        model = GPT(GPTConfig(
+            vocab_size=s['vocab_size'] or -(-meta['vocab_size'] // 64) * 64,
+            data_vocab_size=meta['vocab_size'], block_size=T, n_layer=L, n_head=s['n_head'],
+            n_kv_head=s['n_kv_head'], n_embd=s['n_embd'], rope_theta=s['rope_theta'],
+            norm_eps=s['norm_eps'], gated=gated, gate_init=s['gate_init'], gate_eps=s['gate_eps'],
+            hide_closed_keys=s['hide_closed_keys'])).to(device)
+        opt = model.configure_optimizer(s['learning_rate'], (s['beta1'], s['beta2']),
+                                        s['weight_decay'], device.type, s['adam_eps'])
+        ctrl = controller_from_settings(s, L, device) if gated else None
         stream = TokenStream(shard_paths(data_dir, 'train'), B, T, 0, 1, meta['vocab_size'])
-        runs[name] = dict(model=model, opt=opt, ctrl=ctrl, stream=stream, skip=skip, ms=[], zero=[])
-    warmup = int(s['warmup_frac'] * max_iters)
+        runs[name] = dict(model=model, opt=opt, ctrl=ctrl, stream=stream, skip=skip, ms=[],
+                          zero=[], loss=None)
     for it in range(max_iters):
-        lr = s['learning_rate'] * (s['warmup_start'] + (1 - s['warmup_start']) * it / warmup
-                                   if it < warmup else
-                                   0.5 * (1 + math.cos(math.pi * (it - warmup) / (max_iters - warmup))))
         for r in runs.values():
             t0 = time.perf_counter()
             x, y = (torch.from_numpy(a).to(device) for a in r['stream'].next())
@@ -281,26 +308,32 @@ def bench_run(max_iters, device):
             if r['ctrl'] is not None:
                 loss = loss + r['ctrl'].loss(gates)
             loss.backward()
+            if s['grad_clip'] > 0:
+                torch.nn.utils.clip_grad_norm_(r['model'].parameters(), s['grad_clip'])
             for group in r['opt'].param_groups:
-                group['lr'] = lr
+                group['lr'] = default_lr(it, s, max_iters)
             r['opt'].step()
             r['opt'].zero_grad(set_to_none=True)
             if r['ctrl'] is not None:
                 means, squares = gate_moments(gates)
                 r['ctrl'].update(means, pooled_variance(means, squares))
                 r['zero'].append((gates == 0).float().mean().item())
+            r['loss'] = loss.item()
             sync(device)
             r['ms'].append(1e3 * (time.perf_counter() - t0))
-    dense = runs['dense (--gated=false)']['ms'][50:]
+    first = min(50, max_iters // 2)
+    dense = runs['dense (--gated=false)']['ms'][first:]
     print(f"# bench.py run on {stamp(device)}")
     print(f"# the default run's training steps (train.py's defaults, cut to {max_iters} steps), the "
-          f"three variants in turns; medians over steps 50..{max_iters}")
-    print("| run | ms/step | sparsity | / dense (median of per-step ratios) |\n|---|---|---|---|")
+          f"three variants in turns; medians over steps {first}..{max_iters}")
+    print("| run | ms/step | sparsity | / dense (median of per-step ratios) | last loss |\n"
+          "|---|---|---|---|---|")
     for name, r in runs.items():
-        ms = r['ms'][50:]
+        ms = r['ms'][first:]
         ratio = statistics.median(a / b for a, b in zip(ms, dense))
-        zero = statistics.mean(r['zero'][50:]) if r['zero'] else 0.0
-        print(f"| {name} | {statistics.median(ms):.1f} | {zero:.3f} | {ratio:.2f} |")
+        zero = statistics.mean(r['zero'][first:]) if r['zero'] else 0.0
+        print(f"| {name} | {statistics.median(ms):.1f} | {zero:.3f} | {ratio:.2f} | "
+              f"{r['loss']!r} |")
 
 
 device, dtype = device_and_dtype(device, dtype)

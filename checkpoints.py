@@ -73,33 +73,66 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def model_difference(saved_args, model_args):
+    """The first model setting in which a checkpoint's model_args and this run's differ, as
+    (name, saved, new), or None. attn_backend picks a kernel, not the function: it is no
+    difference. A field older checkpoints lack has its default."""
+    for k, new in model_args.items():
+        old = saved_args.get(k, GPTConfig.__dataclass_fields__[k].default)
+        if old != new and k != "attn_backend":
+            return k, old, new
+    return None
+
+
 def check_model_args(path, saved_args, model_args):
     """A one-line CheckpointError naming the first setting in which the checkpoint at path
     (saved_args) and this run (model_args) differ."""
-    for k, new in model_args.items():
-        old = saved_args.get(k, GPTConfig.__dataclass_fields__[k].default)
-        if old != new:
-            fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
-            raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
-                                  f"{k}={new!r}; {fix} or use another out_dir")
+    if difference := model_difference(saved_args, model_args):
+        k, old, new = difference
+        fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
+        raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
+                              f"{k}={new!r}; {fix} or use another out_dir")
 
 
-def load_checkpoint(path, device="cpu", model_args=None):
-    """(model, checkpoint dict) from a file train.py wrote; no code from the file runs. With
-    model_args (this run's), first check the checkpoint was made with the same ones."""
-    where = os.path.dirname(path) or "."
+def check_same_model(path, model_args):
+    """A new run in a folder that holds a checkpoint at path may push aside (to ckpt.prev.pt)
+    an earlier run of the same model, never a run of another model: a one-line CheckpointError
+    then, saying how to keep both or replace it. (An unreadable file is pushed aside.)"""
+    try:
+        saved_args = read_checkpoint(path, mmap=True)["model_args"]
+    except CheckpointError:
+        return
+    if difference := model_difference(saved_args, model_args):
+        k, old, new = difference
+        where = os.path.dirname(path) or "."
+        raise CheckpointError(f"{where} holds a run of another model ({k}={old!r} there, "
+                              f"{k}={new!r} here): pass another --out_dir to keep both, or "
+                              f"delete {path} to replace it")
+
+
+def read_checkpoint(path, device="cpu", mmap=False):
+    """The dict train.py saved at path; no code from the file runs. mmap: map the tensors from
+    the file, read only when used (cheap when only the settings are wanted)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train one with "
-                              f"`python train.py --out_dir={where}`")
+                              f"`python train.py --out_dir={os.path.dirname(path) or '.'}`")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        saved_args = ckpt["model_args"]
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        ckpt["model_args"]
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
     except Exception as e:  # truncated file, unpickling error, not a dict, ...
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is not a usable train.py checkpoint ({first_line}); "
                               f"train again or pick another out_dir") from None
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", model_args=None):
+    """(model, checkpoint dict) from a file train.py wrote. With model_args (this run's), first
+    check the checkpoint was made with the same ones."""
+    ckpt = read_checkpoint(path, device)
+    saved_args = ckpt["model_args"]
     if model_args:
         check_model_args(path, saved_args, model_args)
     model = GPT(GPTConfig(**saved_args))

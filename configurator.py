@@ -1,15 +1,18 @@
 """
 Settings the nanoGPT way. A script keeps its settings as plain lower-case names with comments
 between a line '# settings' and a line '# end of settings', then calls
-`config = configure(globals())`.
+`config, given = configure(globals())`.
 That applies each preset file named on the command line (executed as Python) and each
 --key=value, in order. A value is read as a Python literal (strings need no quotes; true and
 false are booleans; a bare --key sets a boolean) and must have the type of the default it
-replaces (an int may stand for a float). --help prints the docstring and the settings block.
+replaces (an int may stand for a float). A setting whose default is None is an optional number:
+None (the default of whatever it feeds) or an int or float. --help prints the docstring and the
+settings block.
 Mistakes stop the script with one line, and so do the errors model.py and prepare.py raise
 on purpose (ConfigError, CheckpointError, DataError): "error: ..." instead of a traceback.
 """
 import ast
+import contextlib
 import difflib
 import fcntl
 import os
@@ -25,6 +28,16 @@ def settings_block(path):
 
 def _typed(key, value, default, source):
     """value (text after --key=, or a preset's object) as the type of default, or exit."""
+    if default is None:  # an optional number
+        if isinstance(value, str) and value.lower() == 'none':
+            return None
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if value is not None and type(value) not in (int, float):
+            sys.exit(f"error: {source}: {key} must be a number, or None for its default; "
+                     f"got {value!r}")
+        return None if value is None else float(value)
     if isinstance(value, str) and value.lower() in ('true', 'false'):
         value = value.lower() == 'true'
     elif isinstance(value, str) and not isinstance(default, str):
@@ -45,9 +58,12 @@ def _typed(key, value, default, source):
 
 
 def configure(scope, argv=None):
+    """Applies presets and --key=value from argv (default: the command line) to the settings in
+    scope. Returns the settings as a dict, and the set of names that argv set."""
     keys = [k for k, v in scope.items()  # lower-case names of plain values; not CONSTANTS
-            if k[0].islower() and type(v) in (bool, int, float, str)]
+            if k[0].islower() and type(v) in (bool, int, float, str, type(None))]
     argv = sys.argv[1:] if argv is None else argv
+    given = set()  # the settings a preset or --key=value set
     if '-h' in argv or '--help' in argv:
         print(scope['__doc__'].strip(), 'Settings (--key=value):', settings_block(scope['__file__']),
               sep='\n\n')
@@ -72,8 +88,9 @@ def configure(scope, argv=None):
                 sys.exit(f"error: {arg}: unknown setting {key!r}"
                          + (f" (did you mean {close[0]}?)" if close else ""))
             scope[key] = _typed(key, value, scope[key], arg)
+            given.add(key)
     sys.excepthook = _one_line_errors
-    return {k: scope[k] for k in keys}
+    return {k: scope[k] for k in keys}, given
 
 
 def _one_line_errors(kind, error, tb):

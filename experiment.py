@@ -55,6 +55,12 @@ results = ''             # results/<scale> by default: <results>.md, .csv and .p
 own = [a for a in sys.argv[1:] if a in ('-h', '--help') or a[2:].partition('=')[0] in globals()]
 configure(globals(), own)
 train_args = [a for a in sys.argv[1:] if a not in own]  # the rest goes to every train.py run
+PER_RUN = ('out_dir', 'n_layer', 'gated', 'ctrl_target_end', 'hide_closed_keys', 'skip',
+           'init_from', 'eval_only')  # what the experiment sets for each run itself
+for arg in train_args:
+    if arg.startswith('--') and arg[2:].partition('=')[0] in PER_RUN:
+        sys.exit(f"error: {arg}: experiment.py sets --{arg[2:].partition('=')[0]} for each run "
+                 f"itself; change its runs in SCALES at the top of experiment.py instead")
 if scale not in SCALES:
     sys.exit(f"error: --scale must be one of {', '.join(SCALES)}, got {scale!r}")
 results = results or os.path.join('results', scale)

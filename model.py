@@ -670,11 +670,13 @@ class GateController:
     so the last rule pushes only while the error still grows away from its target. The
     target kinds move k the same way, from the variance error v - (t(1 - t) + var_target_delta).
     Targets run linearly from target_start (outer layers) to target_end (middle), mirrored.
-    lr=None takes the kind's own default: 1e-2 for proportional_derivative, else 1e-3."""
+    coef, var_coef or lr None takes the kind's own default (lr: 1e-2 for proportional_derivative,
+    else 1e-3); 0 is a coefficient like any other. coef_min and coef_max clamp the target kinds'
+    coefficients. (train.py's settings controller and ctrl_X are kind and X here.)"""
 
-    def __init__(self, kind, n_layer, coef=None, var_coef=None, target_start=1.0, target_end=0.5,
-                 var_target_delta=0.0, lr=None, tol=0.01, coef_min=-math.inf, coef_max=math.inf,
-                 device="cpu"):
+    def __init__(self, kind, n_layer, *, coef=None, var_coef=None, target_start=1.0,
+                 target_end=0.5, var_target_delta=0.0, lr=None, tol=0.01, coef_min=-math.inf,
+                 coef_max=math.inf, device="cpu"):
         lr = (1e-2 if kind == "proportional_derivative" else 1e-3) if lr is None else lr
         if kind not in CONTROLLERS:
             raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}; got {kind!r}")
@@ -736,6 +738,14 @@ class GateController:
                               f"out_dir")
         device = self.mean_coefs.device
         self.steps = state["steps"]
-        self.mean_coefs = state["mean_coefs"].to(device)
-        self.var_coefs = state["var_coefs"].to(device)
+        if self.kind not in FIXED_COEFS:  # a fixed kind's coefficients are settings, not state
+            self.mean_coefs = state["mean_coefs"].to(device)
+            self.var_coefs = state["var_coefs"].to(device)
         self.ema = {k: v.to(device) for k, v in state["ema"].items()}
+
+
+def controller_from_settings(settings, n_layer, device="cpu"):
+    """The GateController that train.py's settings describe: `controller` is its kind and each
+    ctrl_X its argument X, so every script that trains builds the same one."""
+    args = {k[len("ctrl_"):]: v for k, v in settings.items() if k.startswith("ctrl_")}
+    return GateController(settings["controller"], n_layer, device=device, **args)

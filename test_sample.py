@@ -176,3 +176,23 @@ def test_consoles_that_cannot_show_a_sample(tmp_path):
     head.stdin.close()
     head.wait()
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-2000:]
+
+
+def test_sampling_settings_do_what_they_say(tmp_path, capsys):
+    """temperature 0 is greedy whatever the seed, and so are top_k=1 and a tiny top_p; other
+    seeds sample other text; num_samples and max_new_tokens set how many and how long;
+    --dtype=bfloat16 samples under autocast."""
+    write_checkpoint(tmp_path)
+
+    def samples(*args):
+        run(tmp_path, "--start=ab", *args)
+        return capsys.readouterr().out.split("-" * 40 + "\n")[:-1]
+
+    greedy = samples("--temperature=0", "--seed=1")
+    assert samples("--temperature=0", "--seed=2") == greedy
+    assert samples("--top_k=1", "--seed=3") == greedy and samples("--top_p=1e-6", "--seed=4") == greedy
+    assert samples("--seed=3") != greedy
+    three = samples("--num_samples=3", "--max_new_tokens=7", "--temperature=1.5")
+    assert len(three) == 3 and all(len(s) == len("ab") + 7 + 1 and s.startswith("ab") for s in three)
+    assert len(set(three)) > 1
+    assert len(samples("--dtype=bfloat16", "--temperature=0")) == 1

@@ -1,9 +1,12 @@
 """Smoke tests of bench.py and experiment.py at toy sizes, so the README's commands keep working."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -63,3 +66,39 @@ def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
         assert float(r["flops_per_token"]) <= float(r["flops_per_token_no_skip"])
     with open(f"{name}.md") as f:
         assert f.read().startswith(f"Made by `python experiment.py --results={name} --max_iters=4")
+
+
+def test_bench_run_takes_train_py_steps(tmp_path):
+    """bench.py run trains what train.py trains (its settings, model, data, schedule and
+    controller): after 6 steps each variant's loss is train.py's with --max_iters=6. Run in
+    tmp_path, so both prepare the bundled data there."""
+    bench = run(os.path.join(HERE, "bench.py"), "run", "--run_steps=6", cwd=tmp_path)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in bench.splitlines()
+            if line.startswith(("| dense", "| gated"))]
+    losses = {row[0]: float(row[-1]) for row in rows}
+    for name, args in (("dense (--gated=false)", ["--gated=false"]),
+                       ("gated, masked (--skip=false)", ["--skip=false"]),
+                       ("gated, skipping (the default)", [])):
+        out = tmp_path / name.split()[0]
+        run(os.path.join(HERE, "train.py"), "--max_iters=6", "--eval_interval=6", "--log_interval=6",
+            "--eval_tokens=128", f"--out_dir={out}", *args, cwd=tmp_path)
+        with open(out / "log.jsonl") as f:
+            last = [json.loads(line) for line in f if '"train"' in line][-1]
+        assert last["step"] == 6 and last["loss"] == pytest.approx(losses[name], rel=1e-6), name
+
+
+def test_bench_refuses_settings_its_mode_does_not_read():
+    for mode, arg in (("decode", "--dtype=bfloat16"), ("run", "--n_layer=6"), ("skip", "--context=4")):
+        result = subprocess.run([sys.executable, "bench.py", mode, arg], capture_output=True, text=True,
+                                cwd=HERE, env=ENV)
+        assert result.returncode == 1 and result.stderr.startswith(
+            f"error: bench.py {mode} does not use --{arg[2:].split('=')[0]}"), result.stderr
+
+
+def test_experiment_refuses_train_settings_it_sets_per_run():
+    for arg in ("--n_layer=4", "--out_dir=x", "--gated=true", "--ctrl_target_end=0.3"):
+        result = subprocess.run([sys.executable, "experiment.py", "--dry_run", arg], capture_output=True,
+                                text=True, cwd=HERE, env=ENV)
+        assert result.returncode == 1 and "experiment.py sets" in result.stderr and arg in result.stderr
+    out = run("experiment.py", "--dry_run", "--seed=7", "--max_iters=10")  # the others reach every run
+    assert all(line.endswith("--seed=7 --max_iters=10") for line in out.strip().splitlines())

@@ -80,7 +80,7 @@ def train_settings(*argv):
     """train.py's settings after presets and overrides, as configure() makes them."""
     scope = {'__file__': os.path.join(ROOT, 'train.py')}
     exec(settings_block(scope['__file__']), scope)
-    return configure(scope, list(argv))
+    return configure(scope, list(argv))[0]
 
 
 def test_overrides_are_type_checked(capsys):
@@ -129,7 +129,7 @@ def test_resume_is_exact(tmp_path):
     run(args, a)
     run(args + ['--stop_iter=6'], b)
     assert load(b)['step'] == 6
-    p = run(args + ['--init_from=resume'], b)
+    p = run(['--init_from=resume'], b)  # the run's own settings come from its checkpoint
     assert 'resuming from' in p.stdout and 'note: resuming with settings' not in p.stdout
     ra, rb = records(a, 'train'), records(b, 'train')
     assert [r['step'] for r in rb] == list(range(1, 13))
@@ -258,17 +258,30 @@ def test_skip_true_trains_like_the_masked_path(tmp_path):
         assert torch.allclose(v, cb['model'][k], atol=1e-4), k
 
 
-def test_dense_baseline_and_a_second_scratch_run(tmp_path):
-    out = str(tmp_path / 'dense')
-    run(TINY + ['--gated=false', '--n_layer=3', '--max_iters=3', '--eval_interval=3'], out)
-    ckpt = load(out)
-    assert ckpt['controller'] is None and ckpt['model_args']['n_layer'] == 3
-    assert all(r['reg'] == 0 and r['sparsity'] == 0 for r in records(out, 'train'))
-    # starting from scratch again in the same out_dir keeps the earlier run one generation back
-    p = run(TINY + ['--max_iters=2', '--eval_interval=2'], out)
-    assert 'ckpt.prev.pt' in p.stdout
-    assert torch.load(os.path.join(out, 'ckpt.prev.pt'))['model_args']['n_layer'] == 3
-    assert load(out)['model_args']['n_layer'] == 2 and len(records(out, 'start')) == 1
+def test_a_new_run_never_pushes_aside_a_run_of_another_model(tmp_path):
+    """The README's gated run and then its dense baseline, into one out_dir: the second stops
+    with one line before training and the gated run stays, for sample.py. A new run of the same
+    model keeps the earlier one a generation back, in ckpt.prev.pt."""
+    out = str(tmp_path / 'run')
+    run(TINY + ['--max_iters=3', '--eval_interval=3'], out)
+    before = {f: open(os.path.join(out, f), 'rb').read() for f in files(out)}
+    p = run(TINY + ['--max_iters=3', '--eval_interval=3', '--gated=false'], out, ok=False)
+    one_line_error(p, f'{out} holds a run of another model', 'gated=True there, gated=False here',
+                   '--out_dir', 'delete')
+    assert 'step 1 |' not in p.stdout
+    assert {f: open(os.path.join(out, f), 'rb').read() for f in files(out)} == before
+    p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--max_new_tokens=5'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and 'gated n_layer=2' in p.stderr, p.stderr
+    for other in (['--n_embd=64'], ['--n_layer=4']):  # other sizes are other models too
+        one_line_error(run(TINY + ['--max_iters=3'] + other, out, ok=False), 'another model')
+    dense = str(tmp_path / 'dense')  # the dense baseline in its own out_dir, then again there
+    run(TINY + ['--gated=false', '--max_iters=3', '--eval_interval=3'], dense)
+    assert load(dense)['controller'] is None
+    assert all(r['reg'] == 0 and r['sparsity'] == 0 for r in records(dense, 'train'))
+    p = run(TINY + ['--gated=false', '--max_iters=2', '--eval_interval=2'], dense)
+    assert 'ckpt.prev.pt' in p.stdout and torch.load(os.path.join(dense, 'ckpt.prev.pt'))['step'] == 3
+    assert load(dense)['step'] == 2 and len(records(dense, 'start')) == 1
 
 
 def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
@@ -504,3 +517,246 @@ def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
     assert 'resuming from' in p.stdout and load(out)['step'] == 6
     one_line_error(run(TINY + [f'--init_from={release}'], str(tmp_path / 'char'), ok=False),
                    'reads GPT-2 tokens', 'char tokens')
+
+
+# ----------------------------------------------------------------------------- the seams: settings
+# through the scripts that read them
+
+FIXED = {'sparsity': (0.01, 0.0), 'sparsity_variance': (0.01, -0.01), 'sparsity_variance_l2': (0.1, 0.1)}
+
+
+@pytest.mark.parametrize('kind', ['sparsity', 'sparsity_variance', 'sparsity_variance_l2', 'adaptive',
+                                  'proportional', 'proportional_derivative'])
+def test_each_controller_regularizes_through_train_py(tmp_path, kind):
+    """Each of the six kinds, run by train.py: the logged regularizer of every step is what the
+    README's table says, from that step's gates (logged per layer) and the coefficients in force.
+    Fixed kinds: their documented c and k, all along. Target kinds: c and k start at 0 and move.
+    The loss uses each micro-batch's unbiased variance; the log pools the step's (biased) one."""
+    out = str(tmp_path / kind)
+    run(TINY + ['--n_layer=4', '--max_iters=6', '--eval_interval=6', f'--controller={kind}'], out)
+    steps = records(out, 'train')
+    n = 4 * 32  # gates per layer in a step: batch 4 x block 32
+    t = torch.tensor([1.0, 0.5, 0.5, 1.0], dtype=torch.float64)  # mean targets: 1.0 -> 0.5, mirrored
+    coefs = (torch.zeros(4, dtype=torch.float64),) * 2
+    for r in steps:
+        mu = torch.tensor(r['gate_mean'], dtype=torch.float64)
+        var = torch.tensor(r['gate_var'], dtype=torch.float64) * n / (n - 1)
+        if kind in FIXED:
+            c, k = FIXED[kind]
+            assert r['mean_coefs'] == pytest.approx([c] * 4) and r['var_coefs'] == pytest.approx([k] * 4)
+            if kind == 'sparsity_variance_l2':
+                want = c * (mu - t).norm() + k * (var - t * (1 - t)).norm()
+            else:
+                want = (c * mu).mean() + (k * var).mean()
+        else:
+            want = (coefs[0] * mu).mean() + (coefs[1] * var).mean()
+            coefs = tuple(torch.tensor(r[key], dtype=torch.float64) for key in ('mean_coefs', 'var_coefs'))
+        assert r['reg'] == pytest.approx(want.item(), rel=1e-5, abs=1e-9), (r['step'], r['reg'], want)
+    if kind in FIXED:
+        assert all(abs(r['reg']) > 1e-4 for r in steps)
+    else:
+        assert steps[0]['reg'] == 0 and abs(steps[-1]['reg']) > 1e-6
+        assert any(c != 0 for c in steps[-1]['mean_coefs'])
+
+
+def readme_train_commands():
+    """The train.py commands of the README's code blocks, in order, as argument lists."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read().replace('\\\n', ' ')
+    blocks = re.findall(r'```bash\n(.*?)```', text, re.S)
+    commands = []
+    for line in '\n'.join(blocks).splitlines():
+        words = line.split('#')[0].split()
+        if 'train.py' in words:
+            commands.append(words[words.index('train.py') + 1:])
+    return commands
+
+
+MODEL_SETTINGS = ('dataset', 'data_dir', 'vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head',
+                  'n_embd', 'rope_theta', 'norm_eps', 'gated', 'gate_init', 'gate_eps', 'hide_closed_keys')
+
+
+def test_readme_commands_are_safe_in_the_order_shown():
+    """No train.py command of the README starts a model in an out_dir where an earlier command
+    trained another one (the run there would be lost, or the command refused)."""
+    commands = readme_train_commands()
+    assert len(commands) >= 8 and ['config/shakespeare_char_gpu.py'] in commands
+    trained = {}  # out_dir -> the model trained there
+    for args in commands:
+        if '--help' in args:
+            continue
+        c = train_settings(*args)
+        if c['init_from'] == 'resume' or c['eval_only']:
+            continue  # continues or reads the run that is there
+        model = (('released', c['init_from']) if c['init_from'] != 'scratch' else
+                 tuple(c[k] for k in MODEL_SETTINGS))
+        assert trained.setdefault(c['out_dir'], model) == model, (args, c['out_dir'])
+    assert len(trained) >= 4
+
+
+def test_explicit_fixed_coefficients_including_zero(tmp_path):
+    """--ctrl_coef and --ctrl_var_coef replace a fixed kind's defaults, 0 like any other value."""
+    for coefs, kind in (((0.0, 0.0), 'sparsity'), ((0.05, 0.02), 'sparsity_variance')):
+        out = str(tmp_path / kind)
+        run(TINY + ['--max_iters=2', '--eval_interval=2', f'--controller={kind}',
+                    f'--ctrl_coef={coefs[0]}', f'--ctrl_var_coef={coefs[1]}'], out)
+        for r in records(out, 'train'):
+            mu, var = torch.tensor(r['gate_mean']), torch.tensor(r['gate_var']) * 128 / 127
+            assert r['mean_coefs'] == pytest.approx([coefs[0]] * 2)
+            assert r['reg'] == pytest.approx((coefs[0] * mu + coefs[1] * var).mean().item(), rel=1e-5, abs=0)
+    # a fixed kind's coefficients are settings: a resume that changes one uses the new value
+    run(['--init_from=resume', '--max_iters=4', '--ctrl_coef=0.03'], str(tmp_path / 'sparsity'))
+    assert [r['mean_coefs'] for r in records(str(tmp_path / 'sparsity'), 'train')][-1] == pytest.approx([0.03] * 2)
+
+
+def test_controller_settings_set_its_targets_steps_and_limits(tmp_path):
+    """The proportional rule through train.py with every ctrl_ setting changed: each step's
+    coefficients are recomputed from the logged gate statistics, c += lr * d where |d| > tol,
+    clamped to [ctrl_coef_min, ctrl_coef_max], with the targets the settings give."""
+    out = str(tmp_path / 'ctrl')
+    lr, tol, lo, hi, delta = 0.3, 0.1, -0.004, 0.02, 0.01
+    run(TINY + ['--n_layer=4', '--max_iters=5', '--eval_interval=5', '--ctrl_target_start=0.9',
+                '--ctrl_target_end=0.6', f'--ctrl_lr={lr}', f'--ctrl_tol={tol}', f'--ctrl_coef_min={lo}',
+                f'--ctrl_coef_max={hi}', f'--ctrl_var_target_delta={delta}'], out)
+    t = torch.tensor([0.9, 0.6, 0.6, 0.9], dtype=torch.float64)
+    c = k = torch.zeros(4, dtype=torch.float64)
+    held = 0  # coefficients tol kept still
+    for r in records(out, 'train'):
+        for coefs, error, key in ((c, torch.tensor(r['gate_mean'], dtype=torch.float64) - t, 'mean_coefs'),
+                                  (k, torch.tensor(r['gate_var'], dtype=torch.float64) - (t * (1 - t) + delta),
+                                   'var_coefs')):
+            want = (coefs + lr * error * (error.abs() > tol)).clamp(lo, hi)
+            assert r[key] == pytest.approx(want.tolist(), abs=1e-6), (r['step'], key)
+            held += int((error.abs() <= tol).sum())
+        c, k = (torch.tensor(r[key], dtype=torch.float64) for key in ('mean_coefs', 'var_coefs'))
+    assert hi in [pytest.approx(x) for x in c.tolist()]  # the clamp acted
+    assert lo in [pytest.approx(x) for x in k.tolist()] and held > 0
+
+
+def test_gradient_accumulation_averages_the_micro_steps(tmp_path):
+    """4 micro-steps of 2 sequences take the steps one batch of 8 takes, with clipping on and an
+    AdamW eps large enough that the gradient's scale matters (AdamW alone would hide a sum): a
+    gradient norm of about 1 is not clipped at 2, but 4 summed micro-steps would be. Clipping
+    at 0.05 changes the steps."""
+    args = TINY + ['--max_iters=5', '--eval_interval=5', '--adam_eps=0.01']
+    one, four, clipped = str(tmp_path / 'one'), str(tmp_path / 'four'), str(tmp_path / 'clipped')
+    run(args + ['--batch_size=8', '--grad_clip=2.0'], one)
+    p = run(args + ['--batch_size=2', '--tokens_per_step=256', '--grad_clip=2.0'], four)
+    assert '1 procs x 4 accum x 2 x 32' in p.stdout
+    assert [r['loss'] for r in records(four, 'train')] == pytest.approx(
+        [r['loss'] for r in records(one, 'train')], rel=1e-5)
+    a, b = load(one)['model'], load(four)['model']
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+    run(args + ['--batch_size=8', '--grad_clip=0.05'], clipped)
+    assert not torch.allclose(a['lm_head.weight'], load(clipped)['model']['lm_head.weight'], atol=1e-4)
+
+
+def test_model_optimizer_and_evaluation_settings_reach_what_they_set(tmp_path):
+    """Every model setting lands in the checkpoint's model_args and in the model it rebuilds
+    (rotary tables, norm eps), the optimizer settings in AdamW's groups (no weight decay on
+    norms and biases), decay_lr=false keeps the learning rate, and the log and evaluation
+    follow log_interval and eval_tokens."""
+    from checkpoints import load_checkpoint
+    from model import rotary_tables
+    out = str(tmp_path / 'set')
+    run(['--n_layer=4', '--n_head=4', '--n_kv_head=2', '--n_embd=64', '--block_size=16', '--batch_size=4',
+         '--vocab_size=192', '--rope_theta=500', '--norm_eps=1e-6', '--gate_eps=1e-4', '--weight_decay=0.1',
+         '--beta1=0.7', '--beta2=0.9', '--adam_eps=1e-7', '--learning_rate=3e-3', '--decay_lr=false',
+         '--max_iters=4', '--eval_interval=4', '--log_interval=2', '--eval_tokens=320'], out)
+    ckpt = load(out)
+    args = ckpt['model_args']
+    assert {k: args[k] for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'block_size', 'vocab_size',
+                                 'rope_theta', 'norm_eps', 'gate_eps')} == dict(
+        n_layer=4, n_head=4, n_kv_head=2, n_embd=64, block_size=16, vocab_size=192, rope_theta=500.0,
+        norm_eps=1e-6, gate_eps=1e-4)
+    model, _ = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert torch.allclose(model.rope_cos, rotary_tables(16, 16, 500.0)[0])
+    assert model.blocks[0].attn_pre.eps == 1e-6 and model.blocks[0].attn.wk.weight.shape == (32, 64)
+    groups = ckpt['optimizer']['param_groups']
+    assert [g['weight_decay'] for g in groups] == [0.1, 0.0]
+    assert all(g['betas'] == (0.7, 0.9) and g['eps'] == 1e-7 for g in groups)
+    assert [(r['step'], r['lr']) for r in records(out, 'train')] == [(1, 3e-3), (2, 3e-3), (4, 3e-3)]
+    assert [r['eval_tokens'] for r in records(out, 'eval')] == [320, 320]  # 20 sequences of 16
+
+
+def test_schedule_settings_shape_the_learning_rate(tmp_path):
+    """Linear warmup over warmup_frac of the steps from warmup_start x learning_rate, then
+    cosine down to min_lr_frac x learning_rate; max_iters=0 is one pass over the train data."""
+    from prepare import prepare
+    (tmp_path / 'small.txt').write_text('to be or not to be\n' * 200)  # 3,420 train tokens
+    data = prepare('text', out_dir=str(tmp_path / 'data'), input=str(tmp_path / 'small.txt'))
+    out = str(tmp_path / 'lr')
+    p = run(TINY + ['--max_iters=0', '--eval_interval=100', '--learning_rate=2e-3', '--warmup_frac=0.25',
+                    '--warmup_start=0.5', '--min_lr_frac=0.1', f'--data_dir={data}'], out)
+    n = 3420 // 128
+    assert f'; {n} steps;' in p.stdout
+    warm = int(0.25 * n)
+    want = [2e-3 * (0.5 + 0.5 * i / warm) for i in range(warm)]
+    want += [2e-4 + 0.5 * (1 + math.cos(math.pi * (i - warm) / (n - warm))) * 1.8e-3 for i in range(warm, n)]
+    assert [r['lr'] for r in records(out, 'train')] == pytest.approx(want)
+
+
+def test_checkpoints_only_at_improvements_when_asked(tmp_path):
+    """always_save_checkpoint=false: a checkpoint at the evaluations that improve on the best
+    validation loss so far, not at the others (a learning rate this high makes some worse)."""
+    out = str(tmp_path / 'best')
+    p = run(TINY + ['--max_iters=8', '--eval_interval=2', '--learning_rate=0.3', '--decay_lr=false',
+                    '--always_save_checkpoint=false'], out)
+    saved = [int(s) for s in re.findall(r'ckpt\.pt \(step (\d+)\)', p.stdout)]
+    evals, best, improved = records(out, 'eval'), math.inf, []
+    for e in evals:
+        if e['val_loss'] < best and e['step'] > 0:
+            improved.append(e['step'])
+        best = min(best, e['val_loss'])
+    assert saved == improved and 0 < len(saved) < len(evals) - 1, (saved, evals)
+
+
+WANDB = """
+import json, os
+calls = []
+def init(project, name, config):
+    calls.append(['init', project, name, sorted(config)])
+def log(values, step):
+    calls.append(['log', sorted(values), step])
+def finish():
+    calls.append(['finish'])
+    with open(os.environ['WANDB_CALLS'], 'w') as f:
+        json.dump(calls, f)
+"""
+
+
+def test_wandb_gets_the_run_when_asked(tmp_path):
+    """--wandb_log=true with a stand-in wandb module: init with the project, name and settings,
+    a log call per log line and evaluation, finish. Without wandb installed: one line."""
+    (tmp_path / 'wandb.py').write_text(WANDB)
+    env = dict(ENV, PYTHONPATH=str(tmp_path), WANDB_CALLS=str(tmp_path / 'calls.json'))
+    cmd = [sys.executable, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--wandb_log=true',
+           '--wandb_project=proj', '--wandb_run_name=name', f'--data_dir={DATA}', f'--out_dir={tmp_path / "o"}']
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    calls = json.load(open(tmp_path / 'calls.json'))
+    assert calls[0][:3] == ['init', 'proj', 'name'] and 'ctrl_lr' in calls[0][3] and calls[-1] == ['finish']
+    logged = [(c[2], 'val/loss' in c[1] or 'train/loss' in c[1]) for c in calls[1:-1]]
+    assert logged == [(0, True), (1, True), (2, True), (2, True)]
+    one_line_error(run(TINY + ['--wandb_log=true'], str(tmp_path / 'none'), ok=False), 'pip install wandb')
+
+
+def test_seed_sets_the_initial_weights(tmp_path, tiny_ckpt):
+    out = str(tmp_path / 'seed')
+    run(TINY + ['--max_iters=4', '--eval_interval=2', '--seed=7'], out)
+    assert records(out, 'eval')[0]['val_loss'] != records(tiny_ckpt, 'eval')[0]['val_loss']
+
+
+def test_a_dense_start_and_visible_keys(tmp_path):
+    """gate_init=zero: every gate is exactly 1 and stays so (no gradient reaches the heads);
+    hide_closed_keys=false trains on the masked path and is saved with the model."""
+    out = str(tmp_path / 'zero')
+    p = run(TINY + ['--max_iters=3', '--eval_interval=3', '--gate_init=zero', '--hide_closed_keys=false'], out)
+    assert 'gated, skip off (masked)' in p.stdout
+    assert all(r['gate_mean'] == [1.0, 1.0] and r['sparsity'] == 0 for r in records(out, 'train'))
+    ckpt = load(out)
+    assert ckpt['model_args']['gate_init'] == 'zero' and ckpt['model_args']['hide_closed_keys'] is False
+    assert not ckpt['model']['gate_heads.0.weight'].any() and not ckpt['model']['gate_heads.0.bias'].any()
+    one_line_error(run(TINY + ['--skip=true', '--hide_closed_keys=false'], str(tmp_path / 'x'), ok=False),
+                   '--skip=true needs closed keys hidden')

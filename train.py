@@ -17,12 +17,14 @@ step the gate controller reads the per-layer gate means and variances of the who
 
 Written to out_dir: ckpt.pt (at every evaluation, at the end, on SIGTERM or Ctrl-C) and
 log.jsonl (a JSON record per log line and evaluation); a scratch run moves an earlier run's
-files there to ckpt.prev.pt and log.prev.jsonl when it saves its own first checkpoint. A
-resumed run retraces an uninterrupted one exactly (on CPU), after dropping the log records of
-steps after its checkpoint, which it takes again. A non-finite loss, or a checkpoint or log that
+files there to ckpt.prev.pt and log.prev.jsonl when it saves its own first checkpoint (a run of
+another model there stops it with one line instead). A resumed run takes the settings saved in
+its checkpoint (the command line's go on top) and retraces an uninterrupted one exactly (on
+CPU), after dropping the log records of steps after its checkpoint, which it takes again. A non-finite loss, or a checkpoint or log that
 cannot be written, stops the run with one line; the last good checkpoint stays.
 """
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -33,10 +35,11 @@ import time
 import numpy as np
 import torch
 
-from checkpoints import (CheckpointError, check_model_args, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from checkpoints import (CheckpointError, check_model_args, check_same_model, load_checkpoint,
+                         read_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from configurator import check_out_dir, configure, device_and_dtype
-from model import GPT, GPTConfig, GateController, gate_moments, pooled_variance
+from model import (CONTROLLERS, GPT, GPTConfig, controller_from_settings, gate_moments,
+                   pooled_variance)
 from prepare import TokenStream, first_tokens, load_meta, prepare, same_tokens, shard_paths
 
 # settings
@@ -77,8 +80,8 @@ skip = 'auto'                  # gated: run each layer only on the tokens whose 
                                # 'auto' = on when not compiled, 'true', 'false'
 # gate controller (the README lists the six rules)
 controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, proportional_derivative
-ctrl_coef = 0.0                # the fixed controllers' mean coefficient; 0 = the kind's default
-ctrl_var_coef = 0.0            # ... and variance coefficient (0.01/0, 0.01/-0.01, l2: 0.1/0.1)
+ctrl_coef = None               # the fixed kinds' mean coefficient; None = the kind's default ...
+ctrl_var_coef = None           # ... and variance coefficient (0.01/0, 0.01/-0.01, l2: 0.1/0.1)
 ctrl_target_start = 1.0        # the mean gate target of the outer layers ...
 ctrl_target_end = 0.5          # ... falling linearly to this in the middle
 ctrl_var_target_delta = 0.0    # added to the variance targets t(1 - t)
@@ -106,11 +109,30 @@ deterministic = 'auto'         # torch.use_deterministic_algorithms: 'auto' = on
 backend = 'auto'               # torch.distributed backend: 'auto' = nccl on CUDA, else gloo
 seed = 1337
 # end of settings
-config = configure(globals())
+# what a resumed run takes from this command, not from the run's checkpoint: where and how to run
+THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'stop_iter', 'device', 'dtype', 'compile',
+                'deterministic', 'backend')
+config, given = configure(globals())
 
 def need(ok, message):
     if not ok:
         sys.exit(f"error: {message}")
+
+ddp = 'RANK' in os.environ  # launched by torchrun
+rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) \
+    if ddp else (0, 0, 1)
+master = rank == 0  # the process that prints, logs and checkpoints
+say = print if master else (lambda *args, **kwargs: None)
+check_out_dir(out_dir, write=master and not eval_only)  # before any work: it must be writable
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if eval_only and init_from == 'scratch':  # evaluate the run that is there, never a new model
+    need(os.path.isfile(ckpt_path), f"--eval_only evaluates a trained model, and {out_dir} holds "
+         f"no ckpt.pt; pass the out_dir of a run, or --init_from=<a released model>")
+    init_from = 'resume'
+if init_from == 'resume':  # the run goes on with its own settings; this command's go on top
+    for k, v in read_checkpoint(ckpt_path, mmap=True)['config'].items():
+        if k in config and k not in given and k not in THIS_COMMAND:
+            config[k] = globals()[k] = v
 
 # the settings no other code checks (GPTConfig and GateController check their own)
 for name, allowed in (('backend', 'auto nccl gloo'), ('compile', 'auto true false'),
@@ -123,20 +145,13 @@ for name in ('tokens_per_step', 'vocab_size', 'max_iters', 'stop_iter', 'weight_
     need(config[name] >= 0, f"{name} must be >= 0, got {config[name]}")
 need(0 <= warmup_frac < 1, f"warmup_frac must be in [0, 1), got {warmup_frac}")
 need(0 <= warmup_start <= 1 and 0 <= min_lr_frac <= 1, "warmup_start, min_lr_frac: in [0, 1]")
+need(controller in CONTROLLERS, f"controller must be one of {', '.join(CONTROLLERS)}; got "
+     f"{controller!r}")
+need(not (wandb_log and master) or importlib.util.find_spec('wandb'),
+     "--wandb_log=true needs wandb, which is optional: pip install wandb")
 
 # -----------------------------------------------------------------------------
 # processes, device, precision
-ddp = 'RANK' in os.environ  # launched by torchrun
-rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) \
-    if ddp else (0, 0, 1)
-master = rank == 0  # the process that prints, logs and checkpoints
-say = print if master else (lambda *args, **kwargs: None)
-check_out_dir(out_dir, write=master and not eval_only)  # before any work: it must be writable
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if eval_only and init_from == 'scratch':  # evaluate the run that is there, never a new model
-    need(os.path.isfile(ckpt_path), f"--eval_only evaluates a trained model, and {out_dir} holds "
-         f"no ckpt.pt; pass the out_dir of a run, or --init_from=<a released model>")
-    init_from = 'resume'
 device, dtype = device_and_dtype(device, dtype)
 if ddp and device.type == 'cuda':
     device = torch.device('cuda', local_rank)
@@ -220,6 +235,8 @@ elif init_from != 'scratch':  # one of the authors' released models, which read 
 else:
     model = GPT(GPTConfig(**model_args))
 model_args = dict(vars(model.config))  # what was built, for every checkpoint this run writes
+if master and init_from != 'resume' and os.path.exists(ckpt_path):
+    check_same_model(ckpt_path, model_args)  # a new run never pushes aside another model's run
 n_layer, gated, hide_closed_keys = (model_args[k] for k in ('n_layer', 'gated', 'hide_closed_keys'))
 need(T <= model.config.block_size and meta['vocab_size'] <= model.config.vocab_size,
      f"block_size={T} or the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
@@ -231,9 +248,7 @@ skip = gated and hide_closed_keys and (skip == 'true' or (skip == 'auto' and not
 model.to(device)
 optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type, adam_eps)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no loss scaling
-ctrl = GateController(controller, n_layer, ctrl_coef, ctrl_var_coef, ctrl_target_start,
-                      ctrl_target_end, ctrl_var_target_delta, ctrl_lr, ctrl_tol, ctrl_coef_min,
-                      ctrl_coef_max, device) if gated else None
+ctrl = controller_from_settings(config, n_layer, device) if gated else None
 step, best_val_loss, train_flops, train_time = 0, math.inf, 0.0, 0.0
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -489,7 +504,8 @@ while True:
     sparsity = 0.0
     if ctrl is not None:  # the same inputs on every process, so the same state everywhere
         mean, square = (torch.tensor(s[k], device=device) for k in ('gate_mean', 'gate_sq'))
-        ctrl.update(mean, pooled_variance(mean, square))  # the whole step's variance
+        variance = pooled_variance(mean, square)  # the whole step's
+        ctrl.update(mean, variance)
         sparsity = sum(s['gate_zero']) / n_layer
     flops = model.flops_per_token(sparsity)
     train_flops += 3 * flops * tokens_per_step
@@ -508,7 +524,8 @@ while True:
                   'lr': lr, 'sparsity': sparsity, 'ms': dt * 1000, 'tok_s': tok_s, 'mfu': mfu,
                   'train_flops': train_flops}
         if ctrl is not None:
-            record.update(mean_coefs=ctrl.mean_coefs.tolist(), var_coefs=ctrl.var_coefs.tolist())
+            record.update(gate_mean=s['gate_mean'], gate_var=variance.tolist(),
+                          mean_coefs=ctrl.mean_coefs.tolist(), var_coefs=ctrl.var_coefs.tolist())
         log(record)
         if wandb:
             wandb.log({f'train/{k}': v for k, v in record.items() if type(v) is float}, step=step)
