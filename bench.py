@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from configurator import configure, device_and_dtype, settings_block
-from model import (GPT, GateController, GPTConfig, KVCache, controller_from_settings, gate_moments,
-                   pooled_variance)
-from prepare import TokenStream, load_meta, prepare, shard_paths
+from configurator import configure, device_and_dtype, peak_flops, settings_block
+from model import GPT, GateController, GPTConfig, controller_from_settings, gate_moments, pooled_variance
+from skipping import KVCache
+from data import TokenStream, load_meta, shard_paths
+from prepare import prepare
 
 MODES = ('train', 'decode', 'skip', 'run')
 # settings
@@ -45,13 +46,12 @@ skip_fraction = 0.5      # decode: share of the tokens whose gates close the mid
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'
 dtype = 'auto'           # train, skip: 'auto' = bfloat16 on GPUs that have it, else float32
 compile = 'auto'         # train, skip: torch.compile, 'auto' = on for CUDA only, 'true', 'false'
-attn_backend = 'auto'    # gated attention: 'auto' (FlexAttention on CUDA), 'sdpa', 'flex'
 hide_closed_keys = True  # decode: False computes skipped tokens' keys (the released models)
 seed = 0
 # end of settings
 _, given = configure(globals(), [a for a in sys.argv[1:] if a not in MODES])
 mode = next((a for a in sys.argv[1:] if a in MODES), 'train')
-MODEL = 'n_layer n_embd n_head n_kv_head vocab_size attn_backend device seed '
+MODEL = 'n_layer n_embd n_head n_kv_head vocab_size device seed '
 USES = {'train': MODEL + 'block_size batch_size steps repeats dtype compile hide_closed_keys',
         'skip': MODEL + 'block_size batch_size steps repeats dtype compile',
         'decode': MODEL + 'repeats context new_tokens skip_fraction hide_closed_keys',
@@ -129,12 +129,12 @@ def bench_train(model_args, B, T, steps, repeats, device, dtype, use_compile, se
             times.append(seconds(lambda: [step() for _ in range(steps)], device) / steps)
     print(f"# bench.py train on {stamp(device)}")
     print(f"# n_layer={model_args['n_layer']} n_embd={model_args['n_embd']} T={T} B={B} "
-          f"vocab={model_args['vocab_size']} dtype={dtype} compile={use_compile}, "
-          f"gated attention: {runs['gated'][0].attn_backend(device)}")
+          f"vocab={model_args['vocab_size']} dtype={dtype} compile={use_compile}")
     print("| model | ms/step (median) | tokens/s | MFU |\n|---|---|---|---|")
     for name, (model, step, times) in runs.items():
         step_s = statistics.median(times)
-        mfu = model.mfu(B * T / step_s, device, seq_len=T)
+        peak = peak_flops(device)
+        mfu = 3 * model.flops_per_token(0.0, T) * B * T / step_s / peak if peak else None
         print(f"| {name} | {1e3 * step_s:.1f} | {B * T / step_s:,.0f} | "
               f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} |")
     ratio = statistics.median(g / d for g, d in zip(runs['gated'][2], runs['dense'][2]))
@@ -150,8 +150,8 @@ def decode_seconds(model, prompt, tokens, cache=True, skip=True):
         return seconds(lambda: [model(torch.cat([prompt, tokens[:, :t + 1]], dim=1)) for t in range(n)],
                        prompt.device)
     kv = KVCache(model, 1, prompt.size(1) + n, prompt.device)
-    model.prefill(prompt, kv, skip=skip)
-    return seconds(lambda: [model.decode_one(tokens[:, t:t + 1], kv, skip) for t in range(n)],
+    model(prompt, skip=skip, cache=kv)
+    return seconds(lambda: [model(tokens[:, t:t + 1], skip=skip, cache=kv) for t in range(n)],
                    prompt.device)
 
 
@@ -226,8 +226,8 @@ def bench_skip(model_args, B, T, steps, repeats, device, dtype, use_compile, see
     gen = torch.Generator().manual_seed(seed)
     print(f"# bench.py skip on {stamp(device)}")
     print(f"# n_layer={model_args['n_layer']} n_embd={model_args['n_embd']} T={T} B={B} "
-          f"vocab={model_args['vocab_size']} dtype={dtype} compile={use_compile}, attention: "
-          f"{model.attn_backend(device)}; medians of {repeats} interleaved repeats of {steps} passes")
+          f"vocab={model_args['vocab_size']} dtype={dtype} compile={use_compile}; medians of "
+          f"{repeats} interleaved repeats of {steps} passes")
     print("| pass | tokens skipping layers 1..L-2 | masked ms | skip=True ms | speed-up | ideal | "
           "share of the ideal saving |\n|---|---|---|---|---|---|---|")
     for fraction in (0.0, 0.25, 0.5):
@@ -341,8 +341,7 @@ if mode == 'run':
     bench_run(run_steps, device)
     sys.exit(0)
 model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-                  n_embd=n_embd, attn_backend=attn_backend,
-                  hide_closed_keys=hide_closed_keys)
+                  n_embd=n_embd, hide_closed_keys=hide_closed_keys)
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
 if mode == 'train':
     bench_train(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile, seed)

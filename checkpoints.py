@@ -4,10 +4,10 @@ authors' released models converted to GPTs of model.py.
 
 Released models: T. Lawson and L. Aitchison's FineWeb models on the Hugging Face hub (MIT
 licence), e.g. tim-lawson/skip-middle-fineweb-baseline-4-layers or
-tim-lawson/skip-middle-fineweb-gated-target-end-0.6. Use them through GPT.from_pretrained:
+tim-lawson/skip-middle-fineweb-gated-target-end-0.6:
 
-    model = GPT.from_pretrained('tim-lawson/skip-middle-fineweb-gated-target-end-0.6')
-    model = GPT.from_pretrained('path/to/folder')    # holding config.json and model.safetensors
+    model = load_released('tim-lawson/skip-middle-fineweb-gated-target-end-0.6')
+    model = load_released('path/to/folder')    # holding config.json and model.safetensors
 
 A release is a folder with config.json (the fields of the authors' model config) and
 model.safetensors (every weight under 'model.', the token embedding in bfloat16). Loading it:
@@ -75,11 +75,10 @@ def set_rng_state(state):
 
 def model_difference(saved_args, model_args):
     """The first model setting in which a checkpoint's model_args and this run's differ, as
-    (name, saved, new), or None. attn_backend picks a kernel, not the function: it is no
-    difference. A field older checkpoints lack has its default."""
+    (name, saved, new), or None. A field older checkpoints lack has its default."""
     for k, new in model_args.items():
         old = saved_args.get(k, GPTConfig.__dataclass_fields__[k].default)
-        if old != new and k != "attn_backend":
+        if old != new:
             return k, old, new
     return None
 
@@ -135,7 +134,8 @@ def load_checkpoint(path, device="cpu", model_args=None):
     saved_args = ckpt["model_args"]
     if model_args:
         check_model_args(path, saved_args, model_args)
-    model = GPT(GPTConfig(**saved_args))
+    # attn_backend: a kernel choice that older checkpoints kept (FlexAttention or SDPA)
+    model = GPT(GPTConfig(**{k: v for k, v in saved_args.items() if k != "attn_backend"}))
     # torch.compile and DDP save parameters under _orig_mod. and module. prefixes
     state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
     try:

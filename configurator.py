@@ -8,8 +8,9 @@ false are booleans; a bare --key sets a boolean) and must have the type of the d
 replaces (an int may stand for a float). A setting whose default is None is an optional number:
 None (the default of whatever it feeds) or an int or float. --help prints the docstring and the
 settings block.
-Mistakes stop the script with one line, and so do the errors model.py and prepare.py raise
-on purpose (ConfigError, CheckpointError, DataError): "error: ..." instead of a traceback.
+Mistakes stop the script with one line, and so do the errors that model.py, data.py and
+checkpoints.py raise on purpose (ConfigError, DataError, CheckpointError): "error: ..." instead
+of a traceback.
 """
 import ast
 import contextlib
@@ -94,7 +95,7 @@ def configure(scope, argv=None):
 
 
 def _one_line_errors(kind, error, tb):
-    if issubclass(kind, ValueError) and kind.__module__ in ('model', 'prepare', 'checkpoints'):
+    if issubclass(kind, ValueError) and kind.__module__ in ('model', 'data', 'checkpoints'):
         print(f"error: {error}", file=sys.stderr)
     elif issubclass(kind, BrokenPipeError):  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -146,8 +147,8 @@ def device_and_dtype(device='auto', dtype='auto'):
         sys.exit(f"error: device={str(device)!r} but this machine has {torch.cuda.device_count()} "
                  f"CUDA device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if device.type == 'mps' and not torch.backends.mps.is_available():
-        sys.exit(f"error: device='mps' but MPS is not available here (it needs Apple silicon and "
-                 f"a torch built with it); use --device=cpu")
+        sys.exit("error: device='mps' but MPS is not available here (it needs Apple silicon and "
+                 "a torch built with it); use --device=cpu")
     if device.type not in ('cpu', 'cuda', 'mps'):
         sys.exit(f"error: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; "
                  f"got {str(device)!r}")
@@ -158,3 +159,21 @@ def device_and_dtype(device='auto', dtype='auto'):
     if dtype not in ('float32', 'bfloat16', 'float16'):
         sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}")
     return device, dtype
+
+
+# Dense bf16 tensor-core peak FLOP/s by a substring of the GPU's name, most specific first
+# (fp16 peak for cards without bf16), for the MFU that train.py and bench.py print.
+PEAK_FLOPS = [
+    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+    ("H100", 989e12), ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX A6000", 155e12), ("RTX 6000 Ada", 364e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+
+def peak_flops(device):
+    """The device's peak dense bf16 FLOP/s, or None where it is not known (CPUs, MPS)."""
+    import torch
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
+    return next((flops for key, flops in PEAK_FLOPS if name and key in name), None)

@@ -13,8 +13,7 @@ Shard format (modded-nanogpt's): 256 x int32 header (magic 20240520, version 1, 
 then the tokens as uint16. The split is deterministic: val is the last --val_fraction of the
 file's bytes, starting at the first line break at or after that point, or, with no line break
 near it (text8 is one line), at the first character boundary there (TinyStories and FineWeb
-ship their own val files and use those). train.py reads data through the functions here
-(read_shard, TokenStream, first_tokens).
+ship their own val files and use those). data.py holds the format and the readers.
 
 Preparations of one folder may run at once (every node of a multi-node job): one holds the lock
 file OUT_DIR/.prepare.lock, the others wait and then reuse its result. Shards and meta.json are
@@ -25,194 +24,20 @@ import argparse, contextlib, fcntl, glob, json, os, shutil, sys, tempfile, time
 import numpy as np
 import requests
 
-HEADER_INTS = 256
-MAGIC = 20240520
-VERSION = 1
+from data import (LOCK, SOURCES, DataError, array_encoder, gpt2_tokenizer, read_shard, shard_header,
+                  shard_paths)
+
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'shakespeare.txt')
 TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
                         'tinyshakespeare/input.txt')
 TINYSTORIES_URL = ('https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/'
                    'TinyStoriesV2-GPT4-{}.txt')
 FINEWEB_URL = 'https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/{}'
-SOURCES = ('shakespeare_char', 'shakespeare', 'tinystories', 'fineweb10B', 'text')
 OFFLINE_HINT = '`python prepare.py text --input FILE` works offline'
-LOCK = '.prepare.lock'  # in the output folder; held (flock) while a preparation writes there
 TMP_PREFIX = '.prepare-tmp-'  # private folders and files inside the output folder, while writing
 
-class DataError(ValueError):
-    """A problem with the data; the message is one line naming the file and what to run."""
-
 # -----------------------------------------------------------------------------
-# shards: write, read, find
-
-def _header(n):
-    h = np.zeros(HEADER_INTS, dtype=np.int32)
-    h[0], h[1], h[2] = MAGIC, VERSION, n
-    return h.tobytes()
-
-def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise DataError(f"{path}: token ids must fit in uint16 (0..65535), "
-                        f"got {tokens.min()}..{tokens.max()}")
-    # write aside and rename, so a crash never leaves half a shard
-    with open(path + '.tmp', 'wb') as f:
-        f.write(_header(len(tokens)))
-        f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(path + '.tmp', path)
-
-def _rerun(data_dir):
-    """The command that (re)makes data_dir, for error messages."""
-    try:
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            return json.load(f)['command']
-    except Exception:
-        pass
-    name = os.path.basename(os.path.normpath(data_dir))
-    if name not in SOURCES:
-        return f"python prepare.py NAME --out_dir {data_dir}"
-    same = os.path.normpath(data_dir) == os.path.join('data', name)
-    return f"python prepare.py {name}" + ('' if same else f" --out_dir {data_dir}")
-
-def read_shard(path, vocab_size=None):
-    """The tokens of one shard as a read-only uint16 memmap, after checking the header and size."""
-    fix = f"run `{_rerun(os.path.dirname(path) or '.')}`"
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: shard not found; {fix}")
-    size = os.path.getsize(path)
-    if size < HEADER_INTS * 4:
-        raise DataError(f"{path}: truncated shard ({size} bytes, shorter than its "
-                        f"{HEADER_INTS * 4}-byte header); {fix}")
-    try:
-        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror}); {fix}") from None
-    if header[0] != MAGIC:
-        raise DataError(f"{path}: not a token shard (magic number {header[0]}, "
-                        f"expected {MAGIC}); {fix}")
-    if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported shard version {header[1]} "
-                        f"(expected {VERSION}); {fix}")
-    n, have = int(header[2]), (size - HEADER_INTS * 4) // 2
-    if n != have or size % 2:
-        raise DataError(f"{path}: truncated or corrupt shard (header says {n} tokens, "
-                        f"file holds {have}); {fix}")
-    if n == 0:
-        return np.zeros(0, dtype=np.uint16)  # numpy cannot memmap zero bytes
-    tokens = np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_INTS * 4, shape=(n,))
-    if vocab_size is not None and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size} "
-                        f"(shard does not match meta.json); {fix}")
-    return tokens
-
-def load_meta(data_dir):
-    """meta.json of a prepared folder, checked for what train.py and sample.py use. If a
-    preparation is writing the folder right now, waits for it rather than failing."""
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such data directory; run `{_rerun(data_dir)}`")
-    if not os.path.exists(path):
-        _wait_for_preparation(data_dir)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (preparation never finished?); "
-                        f"run `{_rerun(data_dir)}`") from None
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); run `{_rerun(data_dir)}`") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror}); "
-                        f"run `{_rerun(data_dir)}`") from None
-    problem = _meta_problem(meta)
-    if problem:
-        raise DataError(f"{path}: {problem}; run `{_rerun(data_dir)}` to prepare it again")
-    return meta
-
-def _meta_problem(meta):
-    """What is wrong with a meta.json for the tokenizer and the model, or None."""
-    if not isinstance(meta, dict):
-        return "not a JSON object"
-    need = ['tokenizer', 'vocab_size'] + (['chars'] if meta.get('tokenizer') == 'char' else [])
-    missing = [repr(k) for k in need if k not in meta]
-    if missing:
-        return f"no {' or '.join(missing)} in it"
-    tok, vocab = meta['tokenizer'], meta['vocab_size']
-    if tok not in ('char', 'gpt2'):
-        return f"unknown tokenizer {tok!r} (expected char or gpt2)"
-    if type(vocab) is not int or not 0 < vocab <= 2**16:
-        return f"vocab_size {vocab!r} is not a whole number in 1..65536"
-    chars = meta.get('chars')
-    if tok == 'char' and not (isinstance(chars, list) and len(chars) == vocab
-                              and all(isinstance(c, str) and len(c) == 1 for c in chars)
-                              and chars == sorted(set(chars))):  # the encoder relies on the order
-        return f"'chars' is not a sorted list of {vocab} distinct characters (vocab_size)"
-    return None
-
-def shard_paths(data_dir, split):
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such data directory; run `{_rerun(data_dir)}`")
-    paths = sorted(glob.glob(os.path.join(data_dir, f'*_{split}_*.bin')))
-    if not paths:
-        raise DataError(f"{data_dir}: no {split} shards (*_{split}_*.bin); "
-                        f"run `{_rerun(data_dir)}`")
-    return paths
-
-class TokenStream:
-    """Sequential, deterministic batches from the concatenated train shards (memory-mapped).
-    A global micro-step takes world*B*T + 1 consecutive tokens; rank r uses its own slice
-    [r*B*T, (r+1)*B*T + 1) of them. A window that would cross a shard's end starts the next
-    shard instead; after the last shard the stream starts over (epoch + 1). The position
-    (shard, pos, epoch) is global, so a run resumes under any world size."""
-    def __init__(self, paths, B, T, rank, world, vocab_size):
-        self.paths, self.shards = paths, [read_shard(p) for p in paths]
-        self.B, self.T, self.rank, self.world, self.vocab_size = B, T, rank, world, vocab_size
-        need = world * B * T + 1
-        for p, s in zip(paths, self.shards):
-            if len(s) < need:
-                raise DataError(f"{p}: {len(s)} tokens, fewer than one micro-step needs "
-                                f"(world_size*batch_size*block_size+1 = {need}); "
-                                f"lower batch_size or block_size")
-        self.shard, self.pos, self.epoch = 0, 0, 0
-
-    def next(self):
-        """Inputs and targets (B, T) as int64 numpy arrays."""
-        span = self.world * self.B * self.T
-        if self.pos + span + 1 > len(self.shards[self.shard]):
-            self.shard, self.pos = self.shard + 1, 0
-            if self.shard == len(self.shards):
-                self.shard, self.epoch = 0, self.epoch + 1
-        start = self.pos + self.rank * self.B * self.T
-        window = self.shards[self.shard][start:start + self.B * self.T + 1]
-        if window.max() >= self.vocab_size:  # per window: a full scan of 10B tokens takes minutes
-            raise DataError(f"{self.paths[self.shard]}: token id {int(window.max())} "
-                            f"near offset {start} is not below the vocab_size {self.vocab_size} "
-                            f"of meta.json; prepare it again")
-        buf = window.astype(np.int64)
-        self.pos += span
-        return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
-
-    def state_dict(self):
-        return {'shard': self.shard, 'pos': self.pos, 'epoch': self.epoch,
-                'shard_path': os.path.basename(self.paths[self.shard])}
-
-    def load_state_dict(self, s):
-        names = [os.path.basename(p) for p in self.paths]
-        if s['shard'] >= len(names) or s['shard_path'] != names[s['shard']]:
-            raise DataError(f"the checkpoint's data position is in train shard {s['shard_path']}, "
-                            f"which is not shard {s['shard']} of this data "
-                            f"({len(names)} train shards); the data changed")
-        self.shard, self.pos, self.epoch = s['shard'], s['pos'], s['epoch']
-
-def first_tokens(paths, n, vocab_size):
-    """The first n tokens of the shards in paths (fewer if they hold fewer), as one array."""
-    parts, have = [], 0
-    for p in paths:
-        parts.append(np.array(read_shard(p, vocab_size)[:n - have]))
-        have += len(parts[-1])
-        if have >= n:
-            break
-    return np.concatenate(parts)
+# shards, written one after another
 
 class _ShardWriter:
     """Appends tokens to {name}_{split}_000000.bin, _000001.bin, ... each at most shard_tokens long.
@@ -228,7 +53,7 @@ class _ShardWriter:
             if self.f is None:
                 self.path = f'{self.base}{len(self.paths):06d}.bin'
                 self.f, self.count = open(self.path + '.tmp', 'wb'), 0
-                self.f.write(_header(0))
+                self.f.write(shard_header(0))
             n = min(len(tokens), self.shard_tokens - self.count)
             self.f.write(tokens[:n].tobytes())
             self.count, self.total, tokens = self.count + n, self.total + n, tokens[n:]
@@ -237,7 +62,7 @@ class _ShardWriter:
 
     def _finish(self):
         self.f.seek(0)
-        self.f.write(_header(self.count))
+        self.f.write(shard_header(self.count))
         self.f.close()
         os.replace(self.path + '.tmp', self.path)
         self.paths.append(self.path)
@@ -247,62 +72,6 @@ class _ShardWriter:
         if self.f is not None:
             self._finish()
         return self.total
-
-# -----------------------------------------------------------------------------
-# tokenizers
-
-def _gpt2():
-    try:
-        import tiktoken
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:  # first use downloads the BPE files; offline that fails deep in tiktoken
-        raise DataError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}; "
-                        f"it downloads its files on first use); offline, use the char tokenizer: "
-                        f"`python prepare.py shakespeare_char` "
-                        f"or --tokenizer char") from None
-
-def _char_encoder(chars, where):
-    # chars are sorted by code point, so searchsorted on the code points maps text to ids in numpy
-    table = np.array([ord(c) for c in chars], dtype=np.uint32)
-    def encode(text):
-        cps = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
-        ids = np.searchsorted(table, cps).astype(np.uint16)
-        bad = table[np.minimum(ids, len(table) - 1)] != cps
-        if bad.any():
-            raise DataError(f"character {chr(cps[bad.argmax()])!r} is not in the "
-                            f"{len(chars)}-char vocabulary of {where}; use only characters "
-                            f"from its training text, or prepare with --tokenizer gpt2")
-        return ids
-    return encode
-
-def _array_encoder(meta):
-    if meta['tokenizer'] == 'char':
-        return _char_encoder(meta['chars'], meta.get('source', 'this dataset'))
-    if meta['tokenizer'] == 'gpt2':
-        enc = _gpt2()  # <|endoftext|> in the text is the real separator token (TinyStories uses it)
-        return lambda text: np.array(enc.encode(text, allowed_special={'<|endoftext|>'}),
-                                     dtype=np.uint16)
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (expected char or gpt2)")
-
-def same_tokens(meta, other, data_dir):
-    """Raises DataError (one line) unless meta and other (two meta.json records, e.g. a
-    checkpoint's and data_dir's) tokenize alike: the same tokenizer and vocabulary, so that
-    every id means the same token. Re-preparing a folder from another text changes that."""
-    what = [k for k in ('tokenizer', 'vocab_size', 'chars') if meta.get(k) != other.get(k)]
-    if what:
-        raise DataError(f"{data_dir} does not tokenize as the checkpoint's data did (its "
-                        f"{' and '.join(what)} differ: it was prepared again from other text?), "
-                        f"so its ids would mean other tokens; prepare the run's own data again "
-                        f"(`{meta.get('command', 'python prepare.py ...')}`) or use another out_dir")
-
-def get_tokenizer(meta):
-    """(encode, decode) for a dataset's meta: encode(str) -> list[int], decode(list[int]) -> str."""
-    encode = _array_encoder(meta)
-    if meta['tokenizer'] == 'char':
-        chars = meta['chars']
-        return (lambda s: encode(s).tolist()), (lambda ids: ''.join(chars[int(i)] for i in ids))
-    enc = _gpt2()
-    return (lambda s: encode(s).tolist()), (lambda ids: enc.decode([int(i) for i in ids]))
 
 # -----------------------------------------------------------------------------
 # streaming text: bytes -> UTF-8 chunks cut at line breaks -> tokens -> shards
@@ -544,23 +313,6 @@ def _remove_leftovers(out_dir):
         with contextlib.suppress(OSError):
             os.remove(p)
 
-def _wait_for_preparation(data_dir):
-    """If a prepare.py is writing data_dir, waits until it is done: a reader may start while the
-    data is being made (the other ranks of a job whose first rank prepares it)."""
-    try:
-        fd = os.open(os.path.join(data_dir, LOCK), os.O_RDONLY)
-    except OSError:
-        return  # prepared by an older version, or never: nothing to wait for
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"{data_dir}: a prepare.py is writing it; waiting for it to finish", flush=True)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:
-        pass  # no locks on this filesystem
-    finally:
-        os.close(fd)
-
 def _made_by(out_dir, cmd, source):
     """Whether out_dir holds a complete dataset made by this command (and from this source)."""
     try:
@@ -693,7 +445,7 @@ def _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction
     if name == 'text':
         _check_input(input)
     if tokenizer == 'gpt2':
-        _gpt2()  # fail before downloading anything
+        gpt2_tokenizer()  # fail before downloading anything
     return tokenizer
 
 def _command(name, out_dir, source, input, tokenizer, max_tokens, shards, val_fraction,
@@ -798,7 +550,7 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
         val_cap = None if max_tokens is None else max(1, int(max_tokens * val_fraction))
         if max_tokens is not None:
             meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens"
-        encode = _array_encoder({'tokenizer': tok, 'chars': meta.get('chars'),
+        encode = array_encoder({'tokenizer': tok, 'chars': meta.get('chars'),
                                  'source': meta['source']})
         where, cb = meta['source'], chunk_bytes
         return _write_dataset(out_dir, name, meta, _text_chunks(train, where, cb),

@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, load_released
 from configurator import check_out_dir, configure, device_and_dtype
-from model import GPT
-from prepare import DataError, get_tokenizer
+from data import DataError, get_tokenizer
 
 # settings
 init_from = 'resume'     # 'resume': out_dir/ckpt.pt; or a released model: a Hugging Face hub
@@ -85,7 +84,7 @@ if init_from == 'resume':
     model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
     meta, source = ckpt['meta'], f"{out_dir}/ckpt.pt (step {ckpt['step']})"
 else:  # the released models read GPT-2 tokens
-    model = GPT.from_pretrained(init_from).to(device)
+    model = load_released(init_from).to(device)
     meta, source = {'tokenizer': 'gpt2', 'vocab_size': 50257}, init_from
 model.eval()  # float32 weights; bf16/fp16 via autocast, the numerics training used
 autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != 'float32')

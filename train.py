@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from checkpoints import (CheckpointError, check_model_args, check_same_model, load_checkpoint,
-                         read_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from configurator import check_out_dir, configure, device_and_dtype
+                         load_released, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from configurator import check_out_dir, configure, device_and_dtype, peak_flops
 from model import (CONTROLLERS, GPT, GPTConfig, controller_from_settings, gate_moments,
                    pooled_variance)
-from prepare import TokenStream, first_tokens, load_meta, prepare, same_tokens, shard_paths
+from data import TokenStream, first_tokens, load_meta, same_tokens, shard_paths
+from prepare import prepare
 
 # settings
 # I/O
@@ -73,7 +74,6 @@ norm_eps = 1e-5
 gated = True                   # False: a dense baseline (no gate heads, no controller)
 gate_init = 'normal'           # 'normal', or 'zero' (a dense start whose heads never learn)
 gate_eps = 1e-6                # the attention key bias is log(max(g, gate_eps))
-attn_backend = 'auto'          # 'auto' (FlexAttention on CUDA when gated), 'sdpa', 'flex'
 hide_closed_keys = True        # False: closed gates' keys stay visible (the authors' releases)
 skip = 'auto'                  # gated: run each layer only on the tokens whose gate is above 0
                                # (the same function as the masked path 'false', less compute);
@@ -171,6 +171,7 @@ if deterministic == 'true' or (deterministic == 'auto' and device.type == 'cpu')
 autocast = (contextlib.nullcontext() if dtype == 'float32' else
             torch.autocast(device.type, dtype=getattr(torch, dtype)))
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
+peak = peak_flops(device)  # for the MFU; None on CPUs and unknown GPUs
 
 # -----------------------------------------------------------------------------
 # data: a deterministic stream of train batches, and a fixed validation set
@@ -211,7 +212,7 @@ need(stop_iter <= max_iters, f"stop_iter={stop_iter} is beyond max_iters={max_it
 model_args = dict(vocab_size=model_vocab, data_vocab_size=meta['vocab_size'], block_size=T,
                   n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                   rope_theta=rope_theta, norm_eps=norm_eps, gated=gated, gate_init=gate_init,
-                  gate_eps=gate_eps, hide_closed_keys=hide_closed_keys, attn_backend=attn_backend)
+                  gate_eps=gate_eps, hide_closed_keys=hide_closed_keys)
 ckpt = None
 if init_from == 'resume':
     model, ckpt = load_checkpoint(ckpt_path, 'cpu')
@@ -229,7 +230,7 @@ if init_from == 'resume':
 elif init_from != 'scratch':  # one of the authors' released models, which read GPT-2 tokens
     need(meta['tokenizer'] == 'gpt2', f"--init_from={init_from} reads GPT-2 tokens, but {data_dir} "
          f"holds {meta['tokenizer']} tokens; prepare GPT-2 data (`python prepare.py shakespeare`)")
-    model = GPT.from_pretrained(init_from)
+    model = load_released(init_from)
     say(f"note: --init_from={init_from} sets the model (its own sizes and semantics, "
         f"hide_closed_keys={model.config.hide_closed_keys}); this run's model settings are unused")
 else:
@@ -316,7 +317,8 @@ def evaluate():
         rows = torch.from_numpy(rows).to(device)
         x, y = rows[:, :-1], rows[:, 1:]
         with autocast:  # the uncompiled model: an evaluation is too short to pay for compiling
-            _, ce, gates, resid_norm = model(x, y, resid_norms=True, skip=skip)
+            norms = []
+            _, ce, gates = model(x, y, skip=skip, norms=norms)
         n = x.numel()
         g = gates.to(f64) if gates is not None else torch.ones(n_layer, *x.shape).to(device, f64)
         sums['ce'] += ce.to(f64) * n
@@ -324,7 +326,7 @@ def evaluate():
         sums['gate_mean'] += g.sum((1, 2))
         sums['gate_sq'] += (g * g).sum((1, 2))
         sums['gate_zero'] += (g == 0).sum((1, 2))  # a skipped (token, layer): gate exactly 0
-        sums['resid_norm'] += resid_norm.to(f64) * n
+        sums['resid_norm'] += torch.stack(norms).to(f64) * n
     model.train()
     s = sum_over_processes(sums)
     n, mean = s['tokens'], [v / s['tokens'] for v in s['gate_mean']]
@@ -516,7 +518,8 @@ while True:
 
     if step % log_interval == 0 or step == end or step == 1 or stopping:
         tok_s = tokens_per_step / dt
-        mfu = model.mfu(tok_s / world, device, sparsity if skip else 0.0)  # pairs computed
+        computed = sparsity if skip else 0.0  # MFU counts the (token, layer) pairs computed
+        mfu = 3 * model.flops_per_token(computed) * tok_s / world / peak if peak else None
         say(f"step {step} | loss {loss:.4f} | ce {s['ce']:.4f} | reg {s['reg']:+.2e} | "
             f"lr {lr:.2e} | sparsity {sparsity:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
             f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")

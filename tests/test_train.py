@@ -15,7 +15,7 @@ import torch
 
 from configurator import configure, settings_block
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TINY = ['--n_layer=2', '--n_head=2', '--n_kv_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--eval_tokens=1024', '--log_interval=1']
 # one thread per process: the runs are tiny, and 2 processes x 2 threads on 2 cores crawl
@@ -160,6 +160,7 @@ torch.save({'controller': g['ctrl'].state_dict(), 'data_state': g['train_stream'
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     """torchrun with 2 gloo processes (each reading its own part of every global batch,
     2 accumulation micro-steps with no_sync) against 1 process on the same global batch.
@@ -191,6 +192,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert torch.allclose(m1[k], m2[k], rtol=1e-3, atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_default_run_learns_and_leaves_a_usable_checkpoint(tmp_path):
     """The default model (no size overrides), cut short: val loss falls, progress is printed,
     and the checkpoint rebuilds the model with no compile/DDP prefixes."""
@@ -218,19 +220,20 @@ def test_default_run_learns_and_leaves_a_usable_checkpoint(tmp_path):
 COUNT_PACKED = """
 import os, runpy, sys, torch
 sys.path.insert(0, os.getcwd())
-import model
+import skipping
 calls = {True: 0, False: 0}  # by torch.is_grad_enabled(): training, evaluation
-run_active_tokens = model.run_active_tokens
+active_tokens_layer = skipping.active_tokens_layer
 def counted(*args, **kwargs):
     calls[torch.is_grad_enabled()] += 1
-    return run_active_tokens(*args, **kwargs)
-model.run_active_tokens = counted
+    return active_tokens_layer(*args, **kwargs)
+skipping.active_tokens_layer = counted
 sys.argv = ['train.py'] + sys.argv[1:]
 runpy.run_path('train.py', run_name='__main__')
 print(f"skip path: {calls[True]} layer calls in training, {calls[False]} in evaluation")
 """
 
 
+@pytest.mark.slow
 def test_skip_true_trains_like_the_masked_path(tmp_path):
     """--skip=true runs each layer only on its active tokens, in training and in evaluation,
     with the same losses up to float error, and a checkpoint that does not depend on it."""
@@ -258,6 +261,7 @@ def test_skip_true_trains_like_the_masked_path(tmp_path):
         assert torch.allclose(v, cb['model'][k], atol=1e-4), k
 
 
+@pytest.mark.slow
 def test_a_new_run_never_pushes_aside_a_run_of_another_model(tmp_path):
     """The README's gated run and then its dense baseline, into one out_dir: the second stops
     with one line before training and the gated run stays, for sample.py. A new run of the same
@@ -284,6 +288,7 @@ def test_a_new_run_never_pushes_aside_a_run_of_another_model(tmp_path):
     assert load(dense)['step'] == 2 and len(records(dense, 'start')) == 1
 
 
+@pytest.mark.slow
 def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
     """Two scratch runs that fail before their first checkpoint leave the earlier run's
     checkpoint and log in place; the next run that checkpoints moves them to .prev."""
@@ -302,6 +307,7 @@ def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
     assert [r['type'] for r in records(out, 'start')] == ['start']  # the new log: this run only
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     """A run checkpointed at step 5 resumes with a learning rate that makes it diverge: it
     stops with one line and leaves the step-5 checkpoint as it was."""
@@ -315,6 +321,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         assert torch.equal(v, load(out)['model'][k])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits(tmp_path):
     out = str(tmp_path / 'term')
     cmd = [sys.executable, 'train.py', *TINY, '--max_iters=100000', '--eval_interval=100000', f'--out_dir={out}',
@@ -334,6 +341,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
     assert step >= 3 and f'saved {out}/ckpt.pt (step {step})' in rest
 
 
+@pytest.mark.slow
 def test_sampling_an_undertrained_checkpoint_prints_text(tiny_ckpt):
     """After 4 steps the 48 padding ids (80 chars -> 128 logits) still carry real probability;
     sampling must skip them rather than crash in the char decoder."""
@@ -344,31 +352,72 @@ def test_sampling_an_undertrained_checkpoint_prints_text(tiny_ckpt):
     assert 'layers run per new token' in p.stdout and len(p.stdout) > 600
 
 
+MANY_RUNS = """
+import contextlib, io, json, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import configurator
+results = []
+for argv in json.loads(sys.argv[1]):  # each as `python train.py ARGV` would end, in this process
+    sys.argv, err, code = ['train.py'] + argv, io.StringIO(), 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path('train.py', run_name='__main__')
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+        except Exception as e:
+            sys.excepthook(type(e), e, e.__traceback__)
+            code = 1
+    for lock in configurator._held:  # as the process would on exit
+        lock.close()
+    configurator._held.clear()
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def runs_in_one_process(argvs):
+    """How `python train.py ARGV` ends for each ARGV (all failing early), run one after another
+    in a single process to spare a torch import each: a CompletedProcess-like per run."""
+    p = subprocess.run([sys.executable, '-c', MANY_RUNS, json.dumps(argvs)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, code, '', err)
+            for argv, (code, err) in zip(argvs, json.loads(p.stdout.splitlines()[-1]))]
+
+
 def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
-    one_line_error(run(['--n_layr=4'], ok=False), "unknown setting 'n_layr'", 'n_layer')
-    one_line_error(run(['--n_layer=four'], ok=False), 'n_layer must be int', "'four'")
-    one_line_error(run(['--dataset=nosuchdata'], ok=False), 'data/nosuchdata', 'python prepare.py nosuchdata')
-    one_line_error(run(TINY + ['--vocab_size=50'], tmp_path / 'v', ok=False), 'vocab_size=50', 'meta.json')
-    one_line_error(run(TINY + ['--tokens_per_step=100'], tmp_path / 't', ok=False), 'tokens_per_step=100')
-    one_line_error(run(TINY + ['--init_from=resume'], tmp_path / 'none', ok=False), 'no checkpoint')
-    # config against checkpoint: the field is named
-    one_line_error(run(TINY + ['--init_from=resume', '--vocab_size=256'], tiny_ckpt, ok=False),
-                   'vocab_size', 'checkpoint', '128', '256')
-    one_line_error(run(TINY + ['--init_from=resume', '--n_embd=64'], tiny_ckpt, ok=False),
-                   'n_embd', 'checkpoint', '--n_embd=32')
-    one_line_error(run(TINY + ['--init_from=resume', '--gated=false'], tiny_ckpt, ok=False), 'gated')
-    one_line_error(run(TINY + ['--init_from=resume', '--controller=adaptive'], tiny_ckpt, ok=False),
-                   "controller is 'proportional'", '--controller=proportional')
-    # settings that only train.py, GPTConfig or GateController can judge
-    one_line_error(run(TINY + ['--controller=pid'], ok=False), 'controller must be one of', "'pid'")
-    one_line_error(run(TINY + ['--dtype=fp8'], ok=False), "dtype must be", "'fp8'")
-    one_line_error(run(TINY + ['--warmup_frac=1.5'], ok=False), 'warmup_frac must be in [0, 1)', '1.5')
-    one_line_error(run(TINY + ['--batch_size=0'], ok=False), 'batch_size must be positive', '0')
-    one_line_error(run(TINY + ['--n_layer=3'], ok=False), 'GPTConfig.n_layer', 'even', '3')
+    out, data = f'--out_dir={tmp_path / "out"}', f'--data_dir={DATA}'
+    cases = [
+        (['--n_layr=4'], "unknown setting 'n_layr'", 'n_layer'),
+        (['--n_layer=four'], 'n_layer must be int', "'four'"),
+        (['--dataset=nosuchdata', out], 'data/nosuchdata', 'python prepare.py nosuchdata'),
+        (TINY + ['--vocab_size=50', out, data], 'vocab_size=50', 'meta.json'),
+        (TINY + ['--tokens_per_step=100', out, data], 'tokens_per_step=100'),
+        (TINY + ['--init_from=resume', out, data], 'no checkpoint'),
+        # this run against the checkpoint's: the setting is named
+        (['--init_from=resume', '--vocab_size=256', f'--out_dir={tiny_ckpt}'], 'vocab_size', 'checkpoint',
+         '128', '256'),
+        (['--init_from=resume', '--n_embd=64', f'--out_dir={tiny_ckpt}'], 'n_embd', 'checkpoint', '--n_embd=32'),
+        (['--init_from=resume', '--gated=false', f'--out_dir={tiny_ckpt}'], 'gated'),
+        (['--init_from=resume', '--controller=adaptive', f'--out_dir={tiny_ckpt}'],
+         "controller is 'proportional'", '--controller=proportional'),
+        # settings that only train.py, GPTConfig or GateController can judge
+        (TINY + ['--controller=pid', out, data], 'controller must be one of', "'pid'"),
+        (TINY + ['--dtype=fp8', out, data], "dtype must be", "'fp8'"),
+        (TINY + ['--warmup_frac=1.5', out, data], 'warmup_frac must be in [0, 1)', '1.5'),
+        (TINY + ['--batch_size=0', out, data], 'batch_size must be positive', '0'),
+        (TINY + ['--n_layer=3', out, data], 'GPTConfig.n_layer', 'even', '3'),
+        (TINY + ['--ctrl_coef=much', out, data], 'ctrl_coef must be a number, or None'),
+        (TINY + ['--ctrl_target_end=1.5', out, data], 'controller targets must be in [0, 1]'),
+    ]
+    for p, (argv, *needles) in zip(runs_in_one_process([c[0] for c in cases]), cases):
+        one_line_error(p, *needles)
+    assert sorted(os.listdir(tmp_path)) == ['out']  # nothing written anywhere else
 
 
 # ----------------------------------------------------------------------------- edges
 
+@pytest.mark.slow
 def test_gate_variance_is_pooled_over_the_whole_step(tmp_path):
     """The controller reads the variance of the whole optimizer step, E[g^2] - E[g]^2 over all
     its micro-steps: 4 micro-steps of 2 sequences move the coefficients exactly as one of 8
@@ -383,6 +432,7 @@ def test_gate_variance_is_pooled_over_the_whole_step(tmp_path):
     assert b['mean_coefs'] == pytest.approx(a['mean_coefs'], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_loses_nothing(tmp_path):
     """A resumed run whose next checkpoint cannot be written (a file-size limit stands in for a
     full disk) stops with one line that keeps the last good checkpoint, leaves no temp file,
@@ -403,6 +453,7 @@ def test_full_disk_at_a_checkpoint_loses_nothing(tmp_path):
     assert len(kinds) == len(set(kinds)) and ('train', 12) in kinds and load(out)['step'] == 12
 
 
+@pytest.mark.slow
 def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(tiny_ckpt, tmp_path):
     log_before = open(os.path.join(tiny_ckpt, 'log.jsonl')).read()
     p = run(TINY + ['--eval_only', '--max_iters=77'], tiny_ckpt)
@@ -413,6 +464,7 @@ def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(tiny_ckpt, tmp_pa
     assert not empty.exists()
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
     out = str(tmp_path / 'busy')
     cmd = [sys.executable, 'train.py', *TINY, '--max_iters=100000', '--eval_interval=100000',
@@ -431,6 +483,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
     assert first.returncode == 0 and load(out)['step'] >= 1  # the first run was not disturbed
 
 
+@pytest.mark.slow
 def test_resume_refuses_data_prepared_again_from_other_text(tmp_path):
     """Re-preparing the run's data folder from another text with as many characters changes
     what every id means; a resume must refuse it, naming what differs."""
@@ -445,6 +498,7 @@ def test_resume_refuses_data_prepared_again_from_other_text(tmp_path):
                    data, 'chars differ')
 
 
+@pytest.mark.slow
 def test_out_dir_and_device_mistakes_stop_before_any_work(tmp_path):
     (tmp_path / 'f').write_text('hi')
     p = one_line_error(run(TINY, str(tmp_path / 'f'), ok=False), 'is a file, not a folder')
@@ -462,6 +516,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_prepare_train_and_exit_cleanly(tmp_path):
     """The README's two-node command, both nodes on this machine sharing a filesystem with no
     prepared data: each node prepares the bundled dataset into the same folder at once, both
@@ -487,6 +542,7 @@ def test_two_nodes_prepare_train_and_exit_cleanly(tmp_path):
         assert 'ddp gloo' in results[0][0] and load(tmp_path / f'out{attempt}')['step'] == 6
 
 
+@pytest.mark.slow
 def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
     """--init_from=<a folder in the authors' released format> with GPT-2-tokenized data (here
     made up: ids below the fixture's 128): --eval_only evaluates it and writes nothing; a short
@@ -494,7 +550,7 @@ def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
     this run's default model settings; char data is refused in one line."""
     pytest.importorskip('safetensors')
     import numpy as np
-    from prepare import write_shard
+    from data import write_shard
     release = os.path.join(ROOT, 'data', 'skip_middle_tiny')
     data = tmp_path / 'gpt2data'
     data.mkdir()
@@ -527,6 +583,7 @@ FIXED = {'sparsity': (0.01, 0.0), 'sparsity_variance': (0.01, -0.01), 'sparsity_
 
 @pytest.mark.parametrize('kind', ['sparsity', 'sparsity_variance', 'sparsity_variance_l2', 'adaptive',
                                   'proportional', 'proportional_derivative'])
+@pytest.mark.slow
 def test_each_controller_regularizes_through_train_py(tmp_path, kind):
     """Each of the six kinds, run by train.py: the logged regularizer of every step is what the
     README's table says, from that step's gates (logged per layer) and the coefficients in force.
@@ -594,6 +651,7 @@ def test_readme_commands_are_safe_in_the_order_shown():
     assert len(trained) >= 4
 
 
+@pytest.mark.slow
 def test_explicit_fixed_coefficients_including_zero(tmp_path):
     """--ctrl_coef and --ctrl_var_coef replace a fixed kind's defaults, 0 like any other value."""
     for coefs, kind in (((0.0, 0.0), 'sparsity'), ((0.05, 0.02), 'sparsity_variance')):
@@ -609,6 +667,7 @@ def test_explicit_fixed_coefficients_including_zero(tmp_path):
     assert [r['mean_coefs'] for r in records(str(tmp_path / 'sparsity'), 'train')][-1] == pytest.approx([0.03] * 2)
 
 
+@pytest.mark.slow
 def test_controller_settings_set_its_targets_steps_and_limits(tmp_path):
     """The proportional rule through train.py with every ctrl_ setting changed: each step's
     coefficients are recomputed from the logged gate statistics, c += lr * d where |d| > tol,
@@ -633,6 +692,7 @@ def test_controller_settings_set_its_targets_steps_and_limits(tmp_path):
     assert lo in [pytest.approx(x) for x in k.tolist()] and held > 0
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_the_micro_steps(tmp_path):
     """4 micro-steps of 2 sequences take the steps one batch of 8 takes, with clipping on and an
     AdamW eps large enough that the gradient's scale matters (AdamW alone would hide a sum): a
@@ -652,6 +712,7 @@ def test_gradient_accumulation_averages_the_micro_steps(tmp_path):
     assert not torch.allclose(a['lm_head.weight'], load(clipped)['model']['lm_head.weight'], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_model_optimizer_and_evaluation_settings_reach_what_they_set(tmp_path):
     """Every model setting lands in the checkpoint's model_args and in the model it rebuilds
     (rotary tables, norm eps), the optimizer settings in AdamW's groups (no weight decay on
@@ -680,6 +741,7 @@ def test_model_optimizer_and_evaluation_settings_reach_what_they_set(tmp_path):
     assert [r['eval_tokens'] for r in records(out, 'eval')] == [320, 320]  # 20 sequences of 16
 
 
+@pytest.mark.slow
 def test_schedule_settings_shape_the_learning_rate(tmp_path):
     """Linear warmup over warmup_frac of the steps from warmup_start x learning_rate, then
     cosine down to min_lr_frac x learning_rate; max_iters=0 is one pass over the train data."""
@@ -697,6 +759,7 @@ def test_schedule_settings_shape_the_learning_rate(tmp_path):
     assert [r['lr'] for r in records(out, 'train')] == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_checkpoints_only_at_improvements_when_asked(tmp_path):
     """always_save_checkpoint=false: a checkpoint at the evaluations that improve on the best
     validation loss so far, not at the others (a learning rate this high makes some worse)."""
@@ -726,6 +789,7 @@ def finish():
 """
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_run_when_asked(tmp_path):
     """--wandb_log=true with a stand-in wandb module: init with the project, name and settings,
     a log call per log line and evaluation, finish. Without wandb installed: one line."""
@@ -742,12 +806,14 @@ def test_wandb_gets_the_run_when_asked(tmp_path):
     one_line_error(run(TINY + ['--wandb_log=true'], str(tmp_path / 'none'), ok=False), 'pip install wandb')
 
 
+@pytest.mark.slow
 def test_seed_sets_the_initial_weights(tmp_path, tiny_ckpt):
     out = str(tmp_path / 'seed')
     run(TINY + ['--max_iters=4', '--eval_interval=2', '--seed=7'], out)
     assert records(out, 'eval')[0]['val_loss'] != records(tiny_ckpt, 'eval')[0]['val_loss']
 
 
+@pytest.mark.slow
 def test_a_dense_start_and_visible_keys(tmp_path):
     """gate_init=zero: every gate is exactly 1 and stays so (no gradient reaches the heads);
     hide_closed_keys=false trains on the masked path and is saved with the model."""

@@ -12,10 +12,10 @@ import torch
 import tiktoken
 from checkpoints import CheckpointError
 from model import GPT, GPTConfig
-from prepare import DataError
+from data import DataError
 
 CHARS = sorted("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")  # as prepare.py stores them
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def write_checkpoint(out_dir, gated=True, meta=None):
@@ -121,6 +121,7 @@ def test_gpt2_checkpoint_offline_says_so(tmp_path, monkeypatch):
         run(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_errors(tmp_path):
     def stderr_of(*args):
         result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args],
@@ -161,6 +162,7 @@ def test_prompt_file_that_is_not_utf8(tmp_path):
         run(tmp_path, f"--start=FILE:{tmp_path / 'p.txt'}")
 
 
+@pytest.mark.slow
 def test_consoles_that_cannot_show_a_sample(tmp_path):
     """A console whose encoding lacks a sampled character shows '?' for it; output piped into
     a reader that stops early (`| head`) ends sample.py quietly."""

@@ -3,6 +3,7 @@ import errno, io, json, os, re, shutil, subprocess, sys, time, tracemalloc
 import numpy as np
 import pytest
 import requests
+import data as D
 import prepare as P
 
 REPO = os.path.dirname(os.path.abspath(P.__file__))
@@ -25,72 +26,72 @@ def one_line_error(excinfo):
 def test_shard_round_trip(tmp_path):
     path = str(tmp_path / 'x_train_000000.bin')
     tokens = np.random.default_rng(0).integers(0, 2**16, size=1000)
-    P.write_shard(path, tokens)
-    header = np.fromfile(path, dtype=np.int32, count=P.HEADER_INTS)
+    D.write_shard(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=D.HEADER_INTS)
     assert header[0] == 20240520 and header[1] == 1 and header[2] == 1000 and not header[3:].any()
     assert os.path.getsize(path) == 256 * 4 + 1000 * 2
-    got = P.read_shard(path, vocab_size=2**16)
+    got = D.read_shard(path, vocab_size=2**16)
     assert isinstance(got, np.memmap) and got.dtype == np.uint16
     assert np.array_equal(got, tokens)
     assert not os.path.exists(path + '.tmp')
-    P.write_shard(path, [])
-    assert len(P.read_shard(path)) == 0
-    with pytest.raises(P.DataError):
-        P.write_shard(path, [70000])
+    D.write_shard(path, [])
+    assert len(D.read_shard(path)) == 0
+    with pytest.raises(D.DataError):
+        D.write_shard(path, [70000])
 
 def test_truncated_shard(tmp_path):
     d = tmp_path / 'shakespeare_char'; d.mkdir()
     path = str(d / 'shakespeare_char_train_000000.bin')
-    P.write_shard(path, np.arange(100))
+    D.write_shard(path, np.arange(100))
     with open(path, 'r+b') as f:
         f.truncate(256 * 4 + 150)
-    with pytest.raises(P.DataError) as e:
-        P.read_shard(path)
+    with pytest.raises(D.DataError) as e:
+        D.read_shard(path)
     msg = one_line_error(e)
     assert path in msg and 'truncated' in msg and 'python prepare.py shakespeare_char' in msg
     with open(path, 'r+b') as f:
         f.truncate(100)  # not even a whole header
-    with pytest.raises(P.DataError, match='truncated'):
-        P.read_shard(path)
+    with pytest.raises(D.DataError, match='truncated'):
+        D.read_shard(path)
 
 def test_wrong_magic(tmp_path):
     path = str(tmp_path / 'a_val_000000.bin')
-    P.write_shard(path, np.arange(10))
+    D.write_shard(path, np.arange(10))
     with open(path, 'r+b') as f:
         f.write(np.int32(12345).tobytes())
-    with pytest.raises(P.DataError) as e:
-        P.read_shard(path)
+    with pytest.raises(D.DataError) as e:
+        D.read_shard(path)
     msg = one_line_error(e)
     assert path in msg and '12345' in msg and 'python prepare.py' in msg
 
 def test_token_id_beyond_vocab(tmp_path):
     path = str(tmp_path / 'a_train_000000.bin')
-    P.write_shard(path, [1, 2, 70, 3])
-    assert len(P.read_shard(path, vocab_size=71)) == 4
-    with pytest.raises(P.DataError) as e:
-        P.read_shard(path, vocab_size=65)
+    D.write_shard(path, [1, 2, 70, 3])
+    assert len(D.read_shard(path, vocab_size=71)) == 4
+    with pytest.raises(D.DataError) as e:
+        D.read_shard(path, vocab_size=65)
     msg = one_line_error(e)
     assert path in msg and '70' in msg and 'vocab_size 65' in msg
 
 def test_missing_dir_and_files(tmp_path):
     missing = str(tmp_path / 'shakespeare_char')
-    for fn in (lambda: P.load_meta(missing), lambda: P.shard_paths(missing, 'train')):
-        with pytest.raises(P.DataError) as e:
+    for fn in (lambda: D.load_meta(missing), lambda: D.shard_paths(missing, 'train')):
+        with pytest.raises(D.DataError) as e:
             fn()
         msg = one_line_error(e)
         assert missing in msg and 'python prepare.py shakespeare_char' in msg
     os.makedirs(missing)
-    with pytest.raises(P.DataError, match='meta.json'):
-        P.load_meta(missing)
-    with pytest.raises(P.DataError, match=r'no val shards'):
-        P.shard_paths(missing, 'val')
-    with pytest.raises(P.DataError, match='not found'):
-        P.read_shard(os.path.join(missing, 'nope_train_000000.bin'))
+    with pytest.raises(D.DataError, match='meta.json'):
+        D.load_meta(missing)
+    with pytest.raises(D.DataError, match=r'no val shards'):
+        D.shard_paths(missing, 'val')
+    with pytest.raises(D.DataError, match='not found'):
+        D.read_shard(os.path.join(missing, 'nope_train_000000.bin'))
 
 def test_shard_paths_glob_finds_fineweb_names(tmp_path):
     for f in ('fineweb_train_000002.bin', 'fineweb_train_000001.bin', 'fineweb_val_000000.bin', 'fineweb_train_000003.bin.part'):
         (tmp_path / f).write_bytes(b'')
-    names = [os.path.basename(p) for p in P.shard_paths(str(tmp_path), 'train')]
+    names = [os.path.basename(p) for p in D.shard_paths(str(tmp_path), 'train')]
     assert names == ['fineweb_train_000001.bin', 'fineweb_train_000002.bin']
 
 # ---------------------------------------------------------------- text preparation
@@ -98,13 +99,13 @@ def test_shard_paths_glob_finds_fineweb_names(tmp_path):
 def test_text_char_end_to_end(tmp_path):
     src = write(tmp_path / 'in.txt', TEXT)
     out = P.prepare('text', out_dir=str(tmp_path / 'out'), input=src, val_fraction=0.25)
-    meta = P.load_meta(out)
+    meta = D.load_meta(out)
     assert meta['tokenizer'] == 'char' and meta['chars'] == sorted(set(TEXT))
     assert meta['vocab_size'] == len(set(TEXT)) and meta['source'] == os.path.abspath(src)
-    encode, decode = P.get_tokenizer(meta)
+    encode, decode = D.get_tokenizer(meta)
     assert decode(encode(TEXT)) == TEXT
-    train = np.concatenate([P.read_shard(p, meta['vocab_size']) for p in P.shard_paths(out, 'train')])
-    val = np.concatenate([P.read_shard(p, meta['vocab_size']) for p in P.shard_paths(out, 'val')])
+    train = np.concatenate([D.read_shard(p, meta['vocab_size']) for p in D.shard_paths(out, 'train')])
+    val = np.concatenate([D.read_shard(p, meta['vocab_size']) for p in D.shard_paths(out, 'val')])
     assert (meta['train_tokens'], meta['val_tokens']) == (len(train), len(val))
     # val is the tail of the text from the first line start at/after 75% of the bytes
     data = TEXT.encode()
@@ -112,46 +113,46 @@ def test_text_char_end_to_end(tmp_path):
     assert decode(train) == data[:cut].decode() and decode(val) == data[cut:].decode()
     assert decode(train).endswith('\n') and len(train) + len(val) == len(TEXT)
     # deterministic: the same input gives the same bytes
-    first = open(P.shard_paths(out, 'val')[0], 'rb').read()
+    first = open(D.shard_paths(out, 'val')[0], 'rb').read()
     P.prepare('text', out_dir=str(tmp_path / 'out2'), input=src, val_fraction=0.25)
-    assert open(P.shard_paths(str(tmp_path / 'out2'), 'val')[0], 'rb').read() == first
+    assert open(D.shard_paths(str(tmp_path / 'out2'), 'val')[0], 'rb').read() == first
 
 def test_many_shards_and_no_stale_ones(tmp_path):
     src = write(tmp_path / 'in.txt', TEXT * 20)
     out = str(tmp_path / 'out')
     P.prepare('text', out_dir=out, input=src, shard_tokens=500, chunk_bytes=64)
-    paths = P.shard_paths(out, 'train')
-    assert len(paths) > 3 and all(len(P.read_shard(p)) <= 500 for p in paths)
-    meta = P.load_meta(out)
-    _, decode = P.get_tokenizer(meta)
-    text = ''.join(decode(P.read_shard(p)) for p in paths + P.shard_paths(out, 'val'))
+    paths = D.shard_paths(out, 'train')
+    assert len(paths) > 3 and all(len(D.read_shard(p)) <= 500 for p in paths)
+    meta = D.load_meta(out)
+    _, decode = D.get_tokenizer(meta)
+    text = ''.join(decode(D.read_shard(p)) for p in paths + D.shard_paths(out, 'val'))
     assert text == TEXT * 20  # tiny chunks cut at line breaks lose nothing
     P.prepare('text', out_dir=out, input=src)  # a rerun with big shards leaves no old ones behind
-    assert len(P.shard_paths(out, 'train')) == 1 and not any(f.endswith('.tmp') for f in os.listdir(out))
+    assert len(D.shard_paths(out, 'train')) == 1 and not any(f.endswith('.tmp') for f in os.listdir(out))
 
 def test_max_tokens(tmp_path):
     src = write(tmp_path / 'in.txt', TEXT * 20)
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, max_tokens=300, chunk_bytes=50)
-    meta = P.load_meta(out)
+    meta = D.load_meta(out)
     assert meta['train_tokens'] == 300 and meta['val_tokens'] == 30
-    assert len(P.read_shard(P.shard_paths(out, 'train')[0])) == 300
+    assert len(D.read_shard(D.shard_paths(out, 'train')[0])) == 300
 
 def test_bundled_shakespeare_char(tmp_path):
     text = open(P.BUNDLED, encoding='utf-8').read()
     assert 1_000_000 <= os.path.getsize(P.BUNDLED) <= 2_000_000 and text.isascii()
     assert 'gutenberg' not in text.lower()  # license headers/footers are not in the corpus
     out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'))
-    meta = P.load_meta(out)
+    meta = D.load_meta(out)
     assert meta['tokenizer'] == 'char' and 60 <= meta['vocab_size'] <= 100
     assert meta['train_tokens'] + meta['val_tokens'] == len(text)
     assert 0.09 < meta['val_tokens'] / len(text) < 0.11
-    _, decode = P.get_tokenizer(meta)
-    assert decode(P.read_shard(P.shard_paths(out, 'val')[0])[:20]) == text[meta['train_tokens']:][:20]
+    _, decode = D.get_tokenizer(meta)
+    assert decode(D.read_shard(D.shard_paths(out, 'val')[0])[:20]) == text[meta['train_tokens']:][:20]
 
 def test_unknown_char(tmp_path):
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', TEXT))
-    encode, _ = P.get_tokenizer(P.load_meta(out))
-    with pytest.raises(P.DataError) as e:
+    encode, _ = D.get_tokenizer(D.load_meta(out))
+    with pytest.raises(D.DataError) as e:
         encode('Speak \u263a')
     assert "'\u263a'" in one_line_error(e)
 
@@ -166,22 +167,22 @@ def test_bad_text_inputs(tmp_path):
              (write(tmp_path / 'a.txt', 'a'), 'the train part would be empty'),
              (write(tmp_path / 'ae.txt', 'a\u00e9'), 'the val part would be empty')]
     for src, what in cases:
-        with pytest.raises(P.DataError) as e:
+        with pytest.raises(D.DataError) as e:
             P.prepare('text', out_dir=out, input=src)
         msg = one_line_error(e)
         assert what in msg and (src is None or msg.startswith(src)), msg
     # short, but both parts have something: that prepares
     P.prepare('text', out_dir=out, input=write(tmp_path / 'one.txt', 'one line only'))
-    assert (P.load_meta(out)['train_tokens'], P.load_meta(out)['val_tokens']) == (11, 2)
+    assert (D.load_meta(out)['train_tokens'], D.load_meta(out)['val_tokens']) == (11, 2)
 
 def test_bad_numbers(tmp_path):
     src = write(tmp_path / 'in.txt', TEXT)
     for opts, what in [({'max_tokens': 0}, '--max_tokens'), ({'max_tokens': -5}, '--max_tokens'),
                        ({'val_fraction': 1.0}, '--val_fraction'), ({'shard_tokens': 0}, '--shard_tokens')]:
-        with pytest.raises(P.DataError) as e:
+        with pytest.raises(D.DataError) as e:
             P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, **opts)
         assert what in one_line_error(e)
-    with pytest.raises(P.DataError, match='--shards'):
+    with pytest.raises(D.DataError, match='--shards'):
         P.prepare('fineweb10B', out_dir=str(tmp_path / 'o'), shards=0)
     assert not (tmp_path / 'o').exists()  # checked before anything is written
 
@@ -190,14 +191,14 @@ def test_bad_out_dirs(tmp_path):
     afile = write(tmp_path / 'afile', 'x')
     for out, what in [(afile, 'is a file, not a folder'),
                       (os.path.join(afile, 'sub'), 'Not a directory')]:
-        with pytest.raises(P.DataError) as e:
+        with pytest.raises(D.DataError) as e:
             P.prepare('text', out_dir=out, input=src)
         msg = one_line_error(e)
         assert msg.startswith(out) and what in msg and '--out_dir' in msg
     assert open(afile).read() == 'x'
     deep = str(tmp_path / 'new' / 'deeper' / 'out')  # missing parents are made
     P.prepare('text', out_dir=deep, input=src)
-    assert P.load_meta(deep)['train_tokens'] > 0
+    assert D.load_meta(deep)['train_tokens'] > 0
 
 def test_permission_denied(tmp_path):
     probe = tmp_path / 'probe'
@@ -214,17 +215,17 @@ def test_permission_denied(tmp_path):
         return
     src = write(tmp_path / 'in.txt', TEXT)
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src)
-    meta, shard = os.path.join(out, 'meta.json'), P.shard_paths(out, 'train')[0]
+    meta, shard = os.path.join(out, 'meta.json'), D.shard_paths(out, 'train')[0]
     ro = tmp_path / 'ro'; ro.mkdir()
     for p in (src, meta, shard):
         os.chmod(p, 0)
     os.chmod(ro, 0o555)
     try:
         for fn, where, what in [(lambda: P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src), src, 'cannot read it'),
-                                (lambda: P.load_meta(out), meta, 'cannot read it'),
-                                (lambda: P.read_shard(shard), shard, 'cannot read it'),
+                                (lambda: D.load_meta(out), meta, 'cannot read it'),
+                                (lambda: D.read_shard(shard), shard, 'cannot read it'),
                                 (lambda: P.prepare('shakespeare_char', out_dir=str(ro)), str(ro), 'cannot write there')]:
-            with pytest.raises(P.DataError) as e:
+            with pytest.raises(D.DataError) as e:
                 fn()
             msg = one_line_error(e)
             assert msg.startswith(where) and what in msg and 'Permission denied' in msg, msg
@@ -245,13 +246,13 @@ def test_wrong_meta(tmp_path):
     for bad, what in cases:
         with open(path, 'w') as f:
             json.dump(bad, f)
-        with pytest.raises(P.DataError) as e:
-            P.load_meta(out)
+        with pytest.raises(D.DataError) as e:
+            D.load_meta(out)
         msg = one_line_error(e)
         assert msg.startswith(path) and what in msg and '`python prepare.py shakespeare_char' in msg, msg
     with open(path, 'w') as f:
         json.dump(good, f)
-    assert P.load_meta(out) == good
+    assert D.load_meta(out) == good
 
 # ---------------------------------------------------------------- one long line
 
@@ -262,17 +263,17 @@ def test_one_line_corpus(tmp_path):
                 if t.encode()[int(len(t.encode()) * 0.9)] & 0xC0 == 0x80)
     src = write(tmp_path / 'oneline.txt', text)
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src)
-    meta = P.load_meta(out)
+    meta = D.load_meta(out)
     assert 'character boundary' in meta['split']
-    _, decode = P.get_tokenizer(meta)
-    train = decode(P.read_shard(P.shard_paths(out, 'train')[0]))
-    val = decode(P.read_shard(P.shard_paths(out, 'val')[0]))
+    _, decode = D.get_tokenizer(meta)
+    train = decode(D.read_shard(D.shard_paths(out, 'train')[0]))
+    val = decode(D.read_shard(D.shard_paths(out, 'val')[0]))
     assert train + val == text and 0.09 < len(val.encode()) / len(text.encode()) < 0.11
     target = int(len(text.encode()) * 0.9)
     assert 0 < len(train.encode()) - target < 3  # the next character start, no further
     # a line break within reach of the cut is still used
     src2 = write(tmp_path / 'late_break.txt', text[:len(train) + 100] + '\n' + text[len(train) + 100:])
-    assert 'next line start' in P.load_meta(P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src2))['split']
+    assert 'next line start' in D.load_meta(P.prepare('text', out_dir=str(tmp_path / 'o2'), input=src2))['split']
 
 def test_long_line_chunks_keep_characters_whole():
     # a line longer than 4 * chunk_bytes is cut inside: never inside a character
@@ -294,7 +295,7 @@ def test_one_line_gpt2_tokens_do_not_depend_on_chunks(monkeypatch, tmp_path):
     text = 'the quick brown fox jumps over the lazy dog ' * 300
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', text),
                     tokenizer='gpt2', chunk_bytes=64)
-    train = P.read_shard(P.shard_paths(out, 'train')[0]).tolist()
+    train = D.read_shard(D.shard_paths(out, 'train')[0]).tolist()
     assert train == enc.encode(text.encode()[:int(len(text) * 0.9)].decode())
 
 def test_memory_stays_flat(tmp_path):
@@ -307,7 +308,7 @@ def test_memory_stays_flat(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    meta = P.load_meta(out)
+    meta = D.load_meta(out)
     assert meta['train_tokens'] + meta['val_tokens'] == size - size // len(line.encode())  # 'é' is 2 bytes, 1 char
     assert peak < size / 4, f"peak {peak} bytes while preparing a {size}-byte file"
 
@@ -318,12 +319,12 @@ def test_gpt2_offline_error(monkeypatch, tmp_path):
     def offline(name):
         raise requests.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'\nmore detail")
     monkeypatch.setattr(tiktoken, 'get_encoding', offline)
-    with pytest.raises(P.DataError) as e:
-        P.get_tokenizer({'tokenizer': 'gpt2', 'vocab_size': 50257})
+    with pytest.raises(D.DataError) as e:
+        D.get_tokenizer({'tokenizer': 'gpt2', 'vocab_size': 50257})
     msg = one_line_error(e)
     assert 'GPT-2' in msg and 'char' in msg
     out = tmp_path / 'o'
-    with pytest.raises(P.DataError, match='GPT-2'):
+    with pytest.raises(D.DataError, match='GPT-2'):
         P.prepare('shakespeare', out_dir=str(out))
     assert not out.exists()  # failed before writing anything
 
@@ -342,12 +343,12 @@ def test_gpt2_pipeline_with_fake_encoding(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: enc)
     src = write(tmp_path / 'in.txt', TEXT * 10)
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=src, tokenizer='gpt2', chunk_bytes=40)
-    meta = P.load_meta(out)
+    meta = D.load_meta(out)
     assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and 'chars' not in meta
     # chunks are cut after line breaks, so chunked tokens equal whole-text tokens
     data = (TEXT * 10).encode()
     cut = data.index(b'\n', int(len(data) * 0.9) - 1) + 1
-    train = np.concatenate([P.read_shard(p, 50257) for p in P.shard_paths(out, 'train')])
+    train = np.concatenate([D.read_shard(p, 50257) for p in D.shard_paths(out, 'train')])
     assert train.tolist() == enc.encode(data[:cut].decode())
 
 def test_gpt2_real_tokenizer(tmp_path):
@@ -357,7 +358,7 @@ def test_gpt2_real_tokenizer(tmp_path):
     except Exception:
         pytest.skip("tiktoken's GPT-2 files are not available offline")
     out = P.prepare('text', out_dir=str(tmp_path / 'o'), input=write(tmp_path / 'in.txt', TEXT * 5), tokenizer='gpt2')
-    encode, decode = P.get_tokenizer(P.load_meta(out))
+    encode, decode = D.get_tokenizer(D.load_meta(out))
     assert decode(encode(TEXT)) == TEXT and encode('<|endoftext|>') == [50256]
 
 # ---------------------------------------------------------------- downloads (all faked)
@@ -371,7 +372,7 @@ def test_download_offline(monkeypatch, tmp_path, name, opts):
     if name == 'tinystories':
         import tiktoken
         monkeypatch.setattr(tiktoken, 'get_encoding', lambda n: FakeEncoding())
-    with pytest.raises(P.DataError) as e:
+    with pytest.raises(D.DataError) as e:
         P.prepare(name, out_dir=str(tmp_path / 'o'), **opts)
     msg = one_line_error(e)
     assert 'could not download https://' in msg and '`python prepare.py text --input FILE` works offline' in msg
@@ -431,16 +432,16 @@ def test_download_cut_short(monkeypatch, tmp_path):
             yield self.body[:10]
     monkeypatch.setattr(P.requests, 'get', lambda *a, **k: Short(b'x' * 100))
     path = str(tmp_path / 'f.txt')
-    with pytest.raises(P.DataError, match='resume'):
+    with pytest.raises(D.DataError, match='resume'):
         P.download('https://x/f.txt', path)
     assert not os.path.exists(path) and os.path.getsize(path + '.part') == 10
 
 def test_fineweb_skips_valid_and_refetches_broken(monkeypatch, tmp_path):
     out = tmp_path / 'fineweb10B'; out.mkdir()
-    P.write_shard(str(out / 'fineweb_val_000000.bin'), np.arange(50))
+    D.write_shard(str(out / 'fineweb_val_000000.bin'), np.arange(50))
     (out / 'fineweb_train_000001.bin').write_bytes(b'<html>not a shard</html>')
     good = tmp_path / 'good.bin'
-    P.write_shard(str(good), np.arange(100) + 7)
+    D.write_shard(str(good), np.arange(100) + 7)
     fetched = []
     def fake_get(url, stream, timeout, headers):
         fetched.append(url.rsplit('/', 1)[-1])
@@ -455,13 +456,13 @@ def test_fineweb_skips_valid_and_refetches_broken(monkeypatch, tmp_path):
 def test_failed_download_keeps_earlier_data(monkeypatch, tmp_path):
     out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
     monkeypatch.setattr(P.requests, 'get', refuse_network)
-    with pytest.raises(P.DataError, match='could not download'):
+    with pytest.raises(D.DataError, match='could not download'):
         P.prepare('shakespeare_char', out_dir=out, source='download')
-    assert P.load_meta(out)['train_tokens'] == 1000 and len(P.read_shard(P.shard_paths(out, 'train')[0])) == 1000
+    assert D.load_meta(out)['train_tokens'] == 1000 and len(D.read_shard(D.shard_paths(out, 'train')[0])) == 1000
 
 def test_out_dir_with_another_dataset(tmp_path):
-    P.write_shard(str(tmp_path / 'fineweb_train_000001.bin'), [1, 2, 3])
-    with pytest.raises(P.DataError, match='another dataset'):
+    D.write_shard(str(tmp_path / 'fineweb_train_000001.bin'), [1, 2, 3])
+    with pytest.raises(D.DataError, match='another dataset'):
         P.prepare('text', out_dir=str(tmp_path), input=write(tmp_path / 'in.txt', TEXT))
     assert os.path.exists(tmp_path / 'fineweb_train_000001.bin')
 
@@ -492,7 +493,7 @@ def test_full_disk_keeps_earlier_data(monkeypatch, tmp_path):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(P.json, 'dump', full)
-    with pytest.raises(P.DataError) as e:
+    with pytest.raises(D.DataError) as e:
         P.prepare('text', out_dir=out, input=src)
     msg = one_line_error(e)
     assert msg.startswith(out) and 'No space left on device' in msg and files(out) == before
@@ -503,7 +504,7 @@ def test_full_disk_keeps_earlier_data(monkeypatch, tmp_path):
             full()
     monkeypatch.setattr(P, 'open', lambda *a, **k: Full(), raising=False)
     monkeypatch.setattr(P.requests, 'get', lambda *a, **k: FakeResponse(b'x' * 100))
-    with pytest.raises(P.DataError) as e:
+    with pytest.raises(D.DataError) as e:
         P.download('https://x/f.txt', str(tmp_path / 'f.txt'))
     msg = one_line_error(e)
     assert msg.startswith(str(tmp_path / 'f.txt.part')) and 'No space left' in msg and 'resume' in msg
@@ -538,24 +539,24 @@ def test_concurrent_preparations_of_one_folder(tmp_path):
         # exactly one complete dataset: nothing else, nothing half
         assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'shakespeare_char_train_000000.bin',
                                            'shakespeare_char_val_000000.bin']
-        meta = P.load_meta(out)
-        train, val = (P.read_shard(P.shard_paths(out, s)[0], meta['vocab_size']) for s in ('train', 'val'))
+        meta = D.load_meta(out)
+        train, val = (D.read_shard(D.shard_paths(out, s)[0], meta['vocab_size']) for s in ('train', 'val'))
         assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens'])
-        assert np.array_equal(np.concatenate([train, val]), P._array_encoder(meta)(text))
+        assert np.array_equal(np.concatenate([train, val]), D.array_encoder(meta)(text))
 
 WAITER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import prepare as P
+import data as D, prepare as P
 if sys.argv[2] == 'prepare':
     P.main(['shakespeare_char', '--out_dir', sys.argv[3], '--max_tokens', '1000'])
 else:
-    print('read vocab_size', P.load_meta(sys.argv[3])['vocab_size'])
+    print('read vocab_size', D.load_meta(sys.argv[3])['vocab_size'])
 """
 
 def test_waits_for_a_running_preparation_and_reuses_it(tmp_path):
     out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
-    meta, shard = os.path.join(out, 'meta.json'), P.shard_paths(out, 'train')[0]
+    meta, shard = os.path.join(out, 'meta.json'), D.shard_paths(out, 'train')[0]
     inode = os.stat(shard).st_ino
     logs = {k: str(tmp_path / f'{k}.log') for k in ('prepare', 'read')}
     with P._locked(out):  # as if another preparation were writing the folder right now...
@@ -604,4 +605,4 @@ def test_filesystem_without_locks(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(P.fcntl, 'flock', no_locks)
     out = P.prepare('shakespeare_char', out_dir=str(tmp_path / 'sc'), max_tokens=1000)
     assert 'cannot lock it (No locks available)' in capsys.readouterr().out
-    assert P.load_meta(out)['train_tokens'] == 1000
+    assert D.load_meta(out)['train_tokens'] == 1000

@@ -19,10 +19,11 @@ import torch
 
 import checkpoints
 import model as M
-from checkpoints import CheckpointError
+from checkpoints import CheckpointError, load_released
 from model import GPT, GPTConfig
+from skipping import KVCache
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 released = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
                               reason="the released format needs safetensors")
 FIXTURE = os.path.join(HERE, "data", "skip_middle_tiny")
@@ -42,7 +43,7 @@ def largest_logit_difference(m):
 
 @released
 def test_released_model_matches_the_authors_code(monkeypatch):
-    m = GPT.from_pretrained(FIXTURE)
+    m = load_released(FIXTURE)
     assert m.config.gated and not m.config.hide_closed_keys
     assert m.tok_emb.weight.dtype == torch.float32  # stored as bfloat16
     ref = reference()
@@ -51,9 +52,9 @@ def test_released_model_matches_the_authors_code(monkeypatch):
     assert torch.allclose(m(ref["idx"])[2], ref["gates"], atol=1e-5)
     # the same check fails without the rotary row order, or with closed keys hidden
     monkeypatch.setattr(checkpoints, "rotate_half_rows", lambda w, n_heads: w)
-    assert largest_logit_difference(GPT.from_pretrained(FIXTURE)) > 1e-2
+    assert largest_logit_difference(load_released(FIXTURE)) > 1e-2
     monkeypatch.undo()
-    hidden = GPT.from_pretrained(FIXTURE)
+    hidden = load_released(FIXTURE)
     hidden.config.hide_closed_keys = True
     assert largest_logit_difference(hidden) > 1e-2
 
@@ -62,7 +63,7 @@ def test_released_model_matches_the_authors_code(monkeypatch):
 def test_released_model_generates_as_full_forwards_while_skipping():
     """Greedy generation with the KV cache equals greedy full forward passes. A decoded token
     whose gate is 0 computes only its key and value in those layers (its key stays visible)."""
-    m = GPT.from_pretrained(FIXTURE).eval()
+    m = load_released(FIXTURE).eval()
     prompt = reference()["idx"][:, :8]
     out, gates = m.generate(prompt, 20, temperature=0, return_gates=True)
     idx = prompt
@@ -76,19 +77,19 @@ def test_released_model_generates_as_full_forwards_while_skipping():
 
 @released
 def test_keys_visible_decoding_computes_keys_but_no_queries_for_skipped_tokens():
-    m = GPT.from_pretrained(FIXTURE).eval()
+    m = load_released(FIXTURE).eval()
     seq = reference()["idx"]
     rows = {"wq": 0, "wk": 0}
     with torch.no_grad():
         _, _, gates = m(seq)
-        cache = M.KVCache(m, 2, 24, seq.device)
-        m.prefill(seq[:, :8], cache)
+        cache = KVCache(m, 2, 24, seq.device)
+        m(seq[:, :8], cache=cache)
         for block in m.blocks:
             for name in rows:
                 getattr(block.attn, name).register_forward_hook(
                     lambda mod, inp, out, name=name: rows.__setitem__(name, rows[name] + inp[0].size(0)))
         for t in range(8, 24):
-            m.decode_one(seq[:, t:t + 1], cache)
+            m(seq[:, t:t + 1], cache=cache, skip=True)
     decoded = gates[:, :, 8:]
     assert rows["wk"] == decoded.numel()  # every (token, layer) gets its key and value
     assert rows["wq"] == (decoded > 0).sum() < decoded.numel()  # only the open ones a query
@@ -96,7 +97,7 @@ def test_keys_visible_decoding_computes_keys_but_no_queries_for_skipped_tokens()
 
 @released
 def test_skip_true_is_refused_when_keys_stay_visible():
-    m = GPT.from_pretrained(FIXTURE)
+    m = load_released(FIXTURE)
     with pytest.raises(M.ConfigError, match="skip=True needs hide_closed_keys=True"):
         m(reference()["idx"], skip=True)
 
@@ -125,14 +126,14 @@ def test_loading_errors_are_one_line(tmp_path, monkeypatch):
             call()
         message = str(e.value)
         assert "\n" not in message and all(n in message for n in needles), message
-    one_line(lambda: GPT.from_pretrained("nosuch"), "neither a folder", "hub id")
-    one_line(lambda: GPT.from_pretrained(str(tmp_path)), "no config.json or model.safetensors")
+    one_line(lambda: load_released("nosuch"), "neither a folder", "hub id")
+    one_line(lambda: load_released(str(tmp_path)), "no config.json or model.safetensors")
 
     def offline(*args, **kwargs):
         raise OSError("no network")
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    one_line(lambda: GPT.from_pretrained("tim-lawson/skip-middle-fineweb-baseline-4-layers"),
+    one_line(lambda: load_released("tim-lawson/skip-middle-fineweb-baseline-4-layers"),
              "could not download", "pass a local folder")
     real_import = builtins.__import__
 
@@ -141,14 +142,14 @@ def test_loading_errors_are_one_line(tmp_path, monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", without_safetensors)
-    one_line(lambda: GPT.from_pretrained(FIXTURE), "pip install safetensors")
+    one_line(lambda: load_released(FIXTURE), "pip install safetensors")
     monkeypatch.undo()
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes(open(os.path.join(FIXTURE, name), "rb").read())
     (tmp_path / "config.json").write_text('{"dim": 64}')
-    one_line(lambda: GPT.from_pretrained(str(tmp_path)), "config.json", "KeyError")
+    one_line(lambda: load_released(str(tmp_path)), "config.json", "KeyError")
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
-    one_line(lambda: GPT.from_pretrained(str(tmp_path)), "model.safetensors", "cannot read it")
+    one_line(lambda: load_released(str(tmp_path)), "model.safetensors", "cannot read it")
 
 
 def test_checkpoints_are_atomic_and_load_with_their_checks(tmp_path):
@@ -168,6 +169,10 @@ def test_checkpoints_are_atomic_and_load_with_their_checks(tmp_path):
     with pytest.raises(CheckpointError, match="n_embd: checkpoint .* has n_embd=32 but this run has "
                                                 "n_embd=64; pass --n_embd=32 or use another out_dir"):
         checkpoints.load_checkpoint(path, model_args=dict(vars(m.config), n_embd=64))
+    # checkpoints written before FlexAttention was dropped name the kernel they used
+    checkpoints.save_checkpoint(dict(state, model_args=dict(vars(m.config), attn_backend="flex")), path)
+    loaded, _ = checkpoints.load_checkpoint(path, model_args=dict(vars(m.config)))
+    assert torch.equal(loaded.lm_head.weight, m.lm_head.weight)
     state["model_args"]["n_embd"] = 64  # weights that do not fit the model they claim
     checkpoints.save_checkpoint(state, path)
     with pytest.raises(CheckpointError, match="do not fit"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -18,6 +18,7 @@ def run(*args, cwd=HERE):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_and_decode_print_their_tables():
     out = run("bench.py", "train", "--n_layer=2", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
               "--block_size=32", "--batch_size=2", "--vocab_size=64", "--steps=1", "--repeats=1")
@@ -48,6 +49,7 @@ def test_experiment_fineweb_dry_run_lists_the_papers_runs():
     assert sum("--gated=false" in l for l in lines) == 6 and "--n_layer=12 --gated=true" in lines[-1]
 
 
+@pytest.mark.slow
 def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
     from prepare import prepare
     data = prepare("shakespeare_char", out_dir=str(tmp_path / "data"))
@@ -68,6 +70,7 @@ def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
         assert f.read().startswith(f"Made by `python experiment.py --results={name} --max_iters=4")
 
 
+@pytest.mark.slow
 def test_bench_run_takes_train_py_steps(tmp_path):
     """bench.py run trains what train.py trains (its settings, model, data, schedule and
     controller): after 6 steps each variant's loss is train.py's with --max_iters=6. Run in

@@ -1,6 +1,6 @@
-"""The GPU path: torch.compile, bf16 autocast, FlexAttention with the key bias and gradients
-through it, generation on CUDA, checkpoints moving from a GPU to a CPU. The CUDA tests skip
-without CUDA; the CPU stand-ins run the branches that a CPU can run, so CI exercises them.
+"""The GPU path: torch.compile, bf16 autocast, the key bias on SDPA's fused CUDA kernels with
+gradients through it, generation on CUDA, checkpoints moving from a GPU to a CPU. The CUDA tests
+skip without CUDA; the CPU stand-ins run what a CPU can of the same code, so CI exercises them.
 ./gpu_check.sh runs this file first on a GPU machine."""
 
 import os
@@ -11,18 +11,17 @@ import warnings
 import pytest
 import torch
 
-import model as M
 from checkpoints import load_checkpoint
-from model import GPT, GateController, GPTConfig
+from model import GPT, GateController, GPTConfig, attention, gate_bias
+from skipping import causal_attention
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 V = 64
 
 
 def gated_model(device="cpu", **kw):
-    """A tiny gated model whose gates spread over [0, 1], some exactly 0. Head dim 16: the least
-    FlexAttention's CUDA kernel takes."""
+    """A tiny gated model whose gates spread over [0, 1], some exactly 0; head dim 16."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(**{**dict(vocab_size=V, block_size=64, n_layer=4, n_head=4, n_kv_head=2,
                                 n_embd=64), **kw}))
@@ -34,21 +33,7 @@ def gated_model(device="cpu", **kw):
 
 # ----------------------------------------------------------------------------- CPU stand-ins
 
-@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
-def test_compiled_flex_forward_matches_sdpa_on_cpu(monkeypatch):
-    """The FlexAttention kernel compiled, as model.py compiles it on CUDA, with the key bias as
-    its score_mod, against the SDPA path; forward only (FlexAttention has no CPU backward).
-    (Inductor's CPU template refuses FlexAttention inside a whole compiled model; on CPU the
-    'auto' backend is SDPA, so train.py never asks for that.)"""
-    monkeypatch.setattr(M, "flex_attention", torch.compile(M.flex_attention, dynamic=False))
-    idx = torch.randint(0, V, (2, 64))
-    with torch.no_grad():
-        want, _, gates = gated_model(attn_backend="sdpa")(idx)
-        got, _, _ = gated_model(attn_backend="flex")(idx)
-    assert 0 < (gates == 0).float().mean() < 1
-    assert torch.allclose(want, got, atol=1e-4)
-
-
+@pytest.mark.slow
 def test_train_compiled_bf16_on_cpu(tmp_path):
     """train.py with torch.compile and bf16 autocast, the settings a GPU run takes by default,
     for a few steps of a small model: it runs, learns, and leaves a usable checkpoint."""
@@ -67,38 +52,6 @@ def test_train_compiled_bf16_on_cpu(tmp_path):
               if line.startswith('step ')]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
     load_checkpoint(str(out / 'ckpt.pt'))  # no _orig_mod. prefixes left in the way
-
-
-@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
-def test_flex_kernel_is_compiled_once_outside_traced_code():
-    """Eager FlexAttention calls on CUDA take one compiled kernel (FlexAttention is fused only
-    when compiled). Traced code, which runs first in a compiled model, takes plain
-    flex_attention (the model's graph fuses it) and does not make that kernel: made inside a
-    trace, torch.compile would be a no-op and every later eager call (evaluation) would run the
-    unfused reference. Only the device's type is read, so this runs on a CPU."""
-    cuda_device = torch.device("cuda")
-    M.compiled_flex.cache_clear()
-    traced = torch.compile(lambda x: x + (M.flex_kernel(cuda_device) is M.flex_attention),
-                           backend="aot_eager", fullgraph=True)
-    assert traced(torch.zeros(1)).item() == 1
-    kernel = M.flex_kernel(cuda_device)
-    assert getattr(kernel, "_torchdynamo_orig_callable", None) is M.flex_attention
-    assert M.flex_kernel(cuda_device) is kernel  # made once
-    assert M.flex_kernel(torch.device("cpu")) is M.flex_attention
-
-
-def test_auto_backend_avoids_flex_where_its_cuda_kernel_cannot_run():
-    """FlexAttention on CUDA needs a head dim of at least 16: 'auto' picks SDPA below that, and
-    an explicit 'flex' there is refused in one line. (Only the device's type is read.)"""
-    cuda_device = torch.device("cuda")
-    small = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_kv_head=4, n_embd=32))
-    assert small.attn_backend(cuda_device) == "sdpa"
-    assert gated_model().attn_backend(cuda_device) == "flex"  # head dim 16
-    assert gated_model().attn_backend(torch.device("cpu")) == "sdpa"
-    explicit = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
-                             attn_backend="flex"))
-    with pytest.raises(M.ConfigError, match="head dim n_embd/n_head of 16 or more on CUDA, got 8"):
-        explicit.attn_backend(cuda_device)
 
 
 def controlled_gates_model(**kw):
@@ -131,6 +84,7 @@ def fail_on_recompile_limit():
     """Turn torch.compile's silent fall-back to eager, at the recompile limit, into an error."""
     import torch._dynamo
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     old = torch._dynamo.config.fail_on_recompile_limit_hit
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     yield torch._dynamo.utils.counters
@@ -138,13 +92,14 @@ def fail_on_recompile_limit():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_skip_training_compiles_few_graphs(fail_on_recompile_limit):
     """A compiled 12-layer gated model trains with skip=True over batches of 12 different
     packed lengths, from every token running every layer to none running the middle ones,
     and evaluates too, without reaching torch.compile's recompile limit (8 per function). The
     aot_eager backend traces and guards exactly as the GPU's inductor does, minus code
     generation."""
-    m = controlled_gates_model(attn_backend="sdpa")
+    m = controlled_gates_model()
     step_model = torch.compile(m, backend="aot_eager")
     opt = m.configure_optimizer(1e-3, (0.9, 0.95), 0.0, "cpu")
     ctrl = GateController("proportional", 12)
@@ -163,47 +118,50 @@ def test_compiled_skip_training_compiles_few_graphs(fail_on_recompile_limit):
     assert fail_on_recompile_limit["stats"]["unique_graphs"] <= 24
 
 
-@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
-def test_compiled_flex_skip_forward_over_many_packed_lengths(fail_on_recompile_limit):
-    """The compiled model with FlexAttention (its block masks made inside the graph), forward
-    with skip=True over 8 packed lengths (FlexAttention has no CPU backward), matches the eager
-    masked SDPA path, without reaching the recompile limit."""
-    flex = controlled_gates_model(attn_backend="flex").eval()
-    sdpa = controlled_gates_model(attn_backend="sdpa").eval()
-    compiled = torch.compile(flex, backend="aot_eager")
-    with torch.no_grad():
-        for idx in batches_of_many_packed_lengths(8):
-            want, _, gates = sdpa(idx[:, :-1])
-            got, _, _ = compiled(idx[:, :-1], skip=True)
-            assert torch.allclose(want, got, atol=1e-4)
-    assert (gates == 0).all(1).any()  # the last batch: no token runs the middle layers
+@pytest.mark.slow
+def test_compiled_gated_step_equals_the_eager_one(fail_on_recompile_limit):
+    """A compiled gated model (the masked path: the key bias in the fused kernel's extra
+    channels, no host syncs) gives the eager model's loss and gradients, in one graph."""
+    m = gated_model()
+    idx = torch.randint(0, V, (2, 65))
+    results = []
+    for run in (m, torch.compile(m, backend="aot_eager")):
+        m.zero_grad()
+        _, loss, gates = run(idx[:, :-1], idx[:, 1:])
+        (loss + GateController("sparsity", 4).loss(gates)).backward()
+        results.append([loss] + [p.grad.clone() for p in m.parameters()])
+    assert 0 < (gates == 0).float().mean() < 1
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert fail_on_recompile_limit["stats"]["unique_graphs"] == 1
 
 
 # ----------------------------------------------------------------------------- CUDA
 
 @cuda
-@pytest.mark.skipif(M.flex_attention is None, reason="FlexAttention needs torch >= 2.6")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_and_sdpa_agree_forward_and_backward_on_cuda(dtype):
-    """Loss and every gradient, gate heads included, agree between the two backends."""
-    grads = {}
-    idx = torch.randint(0, V, (2, 64), device="cuda")
-    for backend in ("sdpa", "flex"):
-        m = gated_model("cuda", attn_backend=backend)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            _, loss, _ = m(idx, idx)
-        loss.backward()
-        grads[backend] = [loss.detach().float()] + [p.grad.float() for p in m.parameters()]
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for a, b in zip(grads["sdpa"], grads["flex"]):
+def test_fused_key_bias_runs_on_a_fused_cuda_kernel_and_equals_the_plain_attention(dtype):
+    """The key bias in extra channels of q and k, on SDPA's flash or memory-efficient kernel
+    (SDPA raises if neither can run it): output and gradients equal model.attention's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 128, 64, device="cuda", dtype=dtype) for h in (8, 4, 4))
+    g = torch.rand(2, 128, device="cuda").masked_fill(torch.rand(2, 128, device="cuda") < 0.3, 0)
+    results = []
+    for fused in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)] + [gate_bias(g, 1e-6).requires_grad_()]
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = (causal_attention if fused else attention)(*inputs)
+        out.float().pow(2).sum().backward()
+        results.append([out.float()] + [t.grad.float() for t in inputs])
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for a, b in zip(*results):
         assert torch.allclose(a, b, atol=tol, rtol=tol)
-    assert all(p.grad.abs().sum() > 0 for p in m.gate_heads.parameters())
 
 
 @cuda
 def test_compiled_bf16_gated_training_lowers_the_loss_on_cuda():
-    m = gated_model("cuda")  # attn_backend 'auto': FlexAttention on CUDA
-    assert m.attn_backend(torch.device("cuda")) == "flex"
+    m = gated_model("cuda")
     opt = m.configure_optimizer(3e-3, (0.9, 0.95), 0.0, "cuda")
     ctrl = GateController("proportional", 4, device="cuda")
     step_model = torch.compile(m)
