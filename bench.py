@@ -23,7 +23,8 @@ import time
 import torch
 
 from configurator import configure, device_and_dtype, peak_flops, settings_block
-from model import GPT, GateController, GPTConfig, controller_from_settings, gate_moments, pooled_variance
+from model import (GPT, GateController, GPTConfig, controller_from_settings, gate_moments,
+                   pooled_variance)
 from skipping import KVCache
 from data import TokenStream, load_meta, shard_paths
 from prepare import prepare
@@ -118,7 +119,8 @@ def bench_train(model_args, B, T, steps, repeats, device, dtype, use_compile, se
         gated = name == 'gated'
         model = make_model(model_args, gated, T, device, seed)
         optimizer = model.configure_optimizer(1e-3, (0.8, 0.95), 0.0, device.type)
-        ctrl = GateController('proportional', model_args['n_layer'], device=device) if gated else None
+        ctrl = GateController('proportional', model_args['n_layer'], device=device)
+        ctrl = ctrl if gated else None
         step_model = torch.compile(model) if use_compile else model
         step = functools.partial(train_step, step_model, optimizer, ctrl, x, dtype)
         for _ in range(3):  # warm up (and compile)
@@ -147,8 +149,8 @@ def decode_seconds(model, prompt, tokens, cache=True, skip=True):
     every variant does the same work; with a cache, the prompt's prefill is not timed."""
     n = tokens.size(1)
     if not cache:  # recompute the whole context for every new token
-        return seconds(lambda: [model(torch.cat([prompt, tokens[:, :t + 1]], dim=1)) for t in range(n)],
-                       prompt.device)
+        contexts = [torch.cat([prompt, tokens[:, :t + 1]], dim=1) for t in range(n)]
+        return seconds(lambda: [model(c) for c in contexts], prompt.device)
     kv = KVCache(model, 1, prompt.size(1) + n, prompt.device)
     model(prompt, skip=skip, cache=kv)
     return seconds(lambda: [model(tokens[:, t:t + 1], skip=skip, cache=kv) for t in range(n)],
@@ -180,7 +182,8 @@ def bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device
     ideal, speedup = L / layers_run, ratio('every_layer', 'skipping')
     print(f"# bench.py decode on {stamp(device)}")
     print(f"# n_layer={L} n_embd={model_args['n_embd']} vocab={model_args['vocab_size']}, batch 1, "
-          f"float32, {new_tokens} tokens decoded after a {context}-token prompt (prefill not timed)")
+          f"float32, {new_tokens} tokens decoded after a {context}-token prompt (prefill not "
+          f"timed)")
     print(f"# {100 * middle_zero:.0f}% of (decoded token, middle layer) gates are 0: "
           f"{layers_run:.2f} of {L} layers run per token on average")
     print("| decoding | tokens/s |\n|---|---|")
@@ -189,8 +192,8 @@ def bench_decode(model_args, context, new_tokens, skip_fraction, repeats, device
     how = "not computed" if model.config.hide_closed_keys else "only their keys and values computed"
     print(f"| KV cache, skipped layers {how} (skip=True) | {rate['skipping']:,.1f} |")
     print(f"KV cache speed-up: {ratio('uncached', 'every_layer'):.1f}x")
-    print(f"skipping speed-up: {speedup:.2f}x measured vs {ideal:.2f}x ideal from the layers skipped "
-          f"= {100 * (speedup - 1) / (ideal - 1):.0f}% of the ideal saving")
+    print(f"skipping speed-up: {speedup:.2f}x measured vs {ideal:.2f}x ideal from the layers "
+          f"skipped = {100 * (speedup - 1) / (ideal - 1):.0f}% of the ideal saving")
 
 
 def skip_batch(B, T, fraction, n_skip_ids, vocab_size, device, gen):
@@ -204,7 +207,8 @@ def skip_batch(B, T, fraction, n_skip_ids, vocab_size, device, gen):
 
 
 def forward(model, idx, skip, dtype):
-    with torch.no_grad(), torch.autocast(idx.device.type, getattr(torch, dtype), dtype != 'float32'):
+    amp = torch.autocast(idx.device.type, getattr(torch, dtype), dtype != 'float32')
+    with torch.no_grad(), amp:
         model(idx, skip=skip)
 
 
@@ -246,8 +250,9 @@ def bench_skip(model_args, B, T, steps, repeats, device, dtype, use_compile, see
             speedup = statistics.median(a / b for a, b in zip(times[False], times[True]))
             share = (f"{100 * (speedup - 1) / (ideal - 1):.0f}%" if ideal > 1 else
                      f"n/a: skip=True costs {100 * (1 / speedup - 1):+.1f}%")
-            print(f"| {name} | {100 * fraction:.0f}% | {1e3 * statistics.median(times[False]):.1f} | "
-                  f"{1e3 * statistics.median(times[True]):.1f} | {speedup:.2f}x | {ideal:.2f}x | {share} |")
+            masked, packed = (1e3 * statistics.median(times[k]) for k in (False, True))
+            print(f"| {name} | {100 * fraction:.0f}% | {masked:.1f} | {packed:.1f} | "
+                  f"{speedup:.2f}x | {ideal:.2f}x | {share} |")
 
 
 def train_settings():
@@ -324,8 +329,8 @@ def bench_run(max_iters, device):
     first = min(50, max_iters // 2)
     dense = runs['dense (--gated=false)']['ms'][first:]
     print(f"# bench.py run on {stamp(device)}")
-    print(f"# the default run's training steps (train.py's defaults, cut to {max_iters} steps), the "
-          f"three variants in turns; medians over steps {first}..{max_iters}")
+    print(f"# the default run's training steps (train.py's defaults, cut to {max_iters} steps), "
+          f"the three variants in turns; medians over steps {first}..{max_iters}")
     print("| run | ms/step | sparsity | / dense (median of per-step ratios) | last loss |\n"
           "|---|---|---|---|---|")
     for name, r in runs.items():
@@ -344,7 +349,8 @@ model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_he
                   n_embd=n_embd, hide_closed_keys=hide_closed_keys)
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
 if mode == 'train':
-    bench_train(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile, seed)
+    bench_train(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile,
+                seed)
 elif mode == 'skip':
     bench_skip(model_args, batch_size, block_size, steps, repeats, device, dtype, use_compile, seed)
 else:

@@ -93,6 +93,21 @@ def check_model_args(path, saved_args, model_args):
                               f"{k}={new!r}; {fix} or use another out_dir")
 
 
+def resume_settings(path, config, given, this_command):
+    """A resumed run's settings: those saved in its checkpoint at path, but for those this
+    command gives (given) and those of where and how it runs (this_command). Returns them (a
+    dict of the settings in config to change) and the given ones that differ from the saved
+    ones in a way that keeps the run from retracing its first part (a list, for a note)."""
+    saved = read_checkpoint(path, mmap=True)["config"]
+    updates = {k: v for k, v in saved.items()
+               if k in config and k not in given and k not in this_command}
+    harmless = ("eval_interval", "log_interval", "always_save_checkpoint", "wandb_log",
+                "wandb_project", "wandb_run_name", "skip", *this_command)
+    changed = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(given & saved.keys())
+               if saved[k] != config[k] and k not in harmless]
+    return updates, changed
+
+
 def check_same_model(path, model_args):
     """A new run in a folder that holds a checkpoint at path may push aside (to ckpt.prev.pt)
     an earlier run of the same model, never a run of another model: a one-line CheckpointError
@@ -144,6 +159,100 @@ def load_checkpoint(path, device="cpu", model_args=None):
         raise CheckpointError(f"{path}: its weights do not fit its model_args "
                               f"({str(e).strip().splitlines()[-1].strip()})") from None
     return model.to(device), ckpt
+
+
+# -------------------------------------------------------------------- a training run's files
+
+class RunFiles:
+    """A training run's files in out_dir: ckpt.pt and log.jsonl (a JSON record per line), and
+    wandb when asked. A new run leaves an earlier run's files where they are until it saves its
+    own first checkpoint (its records wait until then), and then moves them to ckpt.prev.pt and
+    log.prev.jsonl. A resumed run first drops the records of the steps after its checkpoint,
+    which it takes again. write=False (--eval_only; every process but the first) writes nothing.
+    A write that fails raises a one-line CheckpointError that says what was kept."""
+
+    def __init__(self, out_dir, resumed_step=None, write=True, wandb_settings=None):
+        self.out_dir, self.write, self.saved_step = out_dir, write, resumed_step
+        self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        self.log_path = os.path.join(out_dir, "log.jsonl")
+        self.waiting = [] if resumed_step is None else None  # records before the first save
+        self.log_file = self.wandb = None
+        if write and resumed_step is not None:
+            if os.path.exists(self.log_path):
+                drop_records_after(self.log_path, resumed_step)
+            self.log_file = open(self.log_path, "a")
+        if write and wandb_settings:  # (project, run name, config): wandb is optional
+            import wandb
+            self.wandb = wandb
+            wandb.init(project=wandb_settings[0], name=wandb_settings[1], config=wandb_settings[2])
+
+    def kept(self):
+        """What a failure leaves behind, for its message."""
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) is kept"
+
+    def log(self, record):
+        """A record with a 'type' and a 'step' to log.jsonl, and its numbers to wandb."""
+        if self.wandb and record["type"] in ("train", "eval"):
+            prefix = "train/" if record["type"] == "train" else "val/"
+            self.wandb.log({prefix + k.removeprefix("val_"): v for k, v in record.items()
+                            if type(v) is float}, step=record["step"])
+        self._write(record)
+
+    def _write(self, record):
+        if not self.write:
+            return
+        if self.waiting is not None:
+            self.waiting.append(record)
+            return
+        try:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+        except OSError as e:
+            raise CheckpointError(f"could not write {self.log_path} ({e.strerror}); "
+                                  f"{self.kept()}") from None
+
+    def save(self, state, step):
+        """state (a dict) to ckpt.pt, atomically, as the checkpoint of this step."""
+        if not self.write:
+            return
+        if self.waiting is not None:  # this run's first checkpoint: an earlier run moves aside
+            for name, prev in (("ckpt.pt", "ckpt.prev.pt"), ("log.jsonl", "log.prev.jsonl")):
+                if os.path.exists(os.path.join(self.out_dir, name)):
+                    os.replace(os.path.join(self.out_dir, name), os.path.join(self.out_dir, prev))
+                    print(f"note: moved the earlier run's {self.out_dir}/{name} to {prev} "
+                          f"(--init_from=resume continues a run instead)")
+            self.log_file = open(self.log_path, "w")
+            records, self.waiting = self.waiting, None
+            for r in records:
+                self._write(r)
+        try:
+            save_checkpoint(state, self.ckpt_path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {self.kept()}") from None
+        self.saved_step = step
+        print(f"saved {self.ckpt_path} (step {step})")
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def drop_records_after(path, step):
+    """Drops from the log at path the records of steps after `step`, and of earlier starts at
+    it: a resumed run takes those steps again (a run stopped by a crash or a full disk logged
+    steps its checkpoint lacks), so each step keeps one record of each kind."""
+    def kept(r):
+        return r["step"] < step or (r["step"] == step and r["type"] != "start")
+    with open(path) as f:
+        lines = f.readlines()  # a line cut short by a crash does not end the record: dropped
+    keep = [line for line in lines if line.endswith("}\n") and kept(json.loads(line))]
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+        print(f"note: dropped {len(lines) - len(keep)} records after step {step} from {path}")
 
 
 # -------------------------------------------------------------------- released models
@@ -202,7 +311,8 @@ def ours(key):
     if parts[0] == 'masks':  # masks.i.linear.weight: the gate head of layer i
         return f"gate_heads.{parts[1]}.{parts[3]}"
     return {'tok_embeddings.weight': 'tok_emb.weight', 'input_norm.weight': 'norm_in.weight',
-            'output_norm.weight': 'norm_out.weight', 'output.weight': 'lm_head.weight'}.get(key, key)
+            'output_norm.weight': 'norm_out.weight',
+            'output.weight': 'lm_head.weight'}.get(key, key)
 
 
 def rotate_half_rows(w, n_heads):

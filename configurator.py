@@ -16,6 +16,7 @@ import ast
 import contextlib
 import difflib
 import fcntl
+import importlib.util
 import os
 import sys
 
@@ -66,8 +67,8 @@ def configure(scope, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     given = set()  # the settings a preset or --key=value set
     if '-h' in argv or '--help' in argv:
-        print(scope['__doc__'].strip(), 'Settings (--key=value):', settings_block(scope['__file__']),
-              sep='\n\n')
+        print(scope['__doc__'].strip(), 'Settings (--key=value):',
+              settings_block(scope['__file__']), sep='\n\n')
         sys.exit(0)
     for arg in argv:
         if arg.startswith('--'):
@@ -130,9 +131,34 @@ def check_out_dir(out_dir, write=False):
 _held = []  # lock files held until the process ends
 
 
-def device_and_dtype(device='auto', dtype='auto'):
+def check_train_settings(c, controllers):
+    """Exits with one line for a train.py setting (c, a dict) that no other code checks; GPTConfig
+    and GateController check their own."""
+    for name, allowed in (('backend', 'auto nccl gloo'), ('compile', 'auto true false'),
+                          ('deterministic', 'auto true false'), ('skip', 'auto true false'),
+                          ('controller', ' '.join(controllers))):
+        if c[name] not in allowed.split():
+            sys.exit(f"error: {name} must be one of {allowed}; got {c[name]!r}")
+    for name in ('batch_size', 'eval_interval', 'log_interval', 'eval_tokens', 'learning_rate'):
+        if not c[name] > 0:
+            sys.exit(f"error: {name} must be positive, got {c[name]}")
+    for name in ('tokens_per_step', 'vocab_size', 'max_iters', 'stop_iter', 'weight_decay',
+                 'grad_clip'):
+        if not c[name] >= 0:
+            sys.exit(f"error: {name} must be >= 0, got {c[name]}")
+    if not 0 <= c['warmup_frac'] < 1:
+        sys.exit(f"error: warmup_frac must be in [0, 1), got {c['warmup_frac']}")
+    if not (0 <= c['warmup_start'] <= 1 and 0 <= c['min_lr_frac'] <= 1):
+        sys.exit("error: warmup_start, min_lr_frac: in [0, 1]")
+    if c['wandb_log'] and importlib.util.find_spec('wandb') is None:
+        sys.exit("error: --wandb_log=true needs wandb, which is optional: pip install wandb")
+
+
+def device_and_dtype(device='auto', dtype='auto', local_rank=None, deterministic=None):
     """The torch.device to run on and the name of the compute dtype: 'auto' picks CUDA, then
-    MPS, then the CPU; and bfloat16 on GPUs that have it (float16 on older ones), else float32."""
+    MPS, then the CPU; and bfloat16 on GPUs that have it (float16 on older ones), else float32.
+    For training: local_rank, this process's GPU under torchrun; deterministic ('auto': on for
+    CPUs) makes torch pick deterministic kernels, so that a resumed run retraces its first."""
     import torch
     if device == 'auto':
         device = ('cuda' if torch.cuda.is_available() else
@@ -158,6 +184,17 @@ def device_and_dtype(device='auto', dtype='auto'):
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}")
+    if device.type == 'cuda' and local_rank is not None:
+        device = torch.device('cuda', local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        # TF32 for the few float32 matmuls outside autocast. (Not the allow_tf32 flags,
+        # deprecated since torch 2.9; nor the new fp32_precision flags: once set, inductor's own
+        # reads of the old setting raise in the torch versions this supports.)
+        torch.set_float32_matmul_precision('high')
+    if deterministic == 'true' or (deterministic == 'auto' and device.type == 'cpu'):
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
     return device, dtype
 
 
@@ -177,3 +214,16 @@ def peak_flops(device):
     import torch
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
     return next((flops for key, flops in PEAK_FLOPS if name and key in name), None)
+
+
+def sum_over_processes(stats):
+    """The named tensors in stats summed over all processes (under torchrun) with one all_reduce
+    (gloo has no average) and read back with one host sync, as floats and lists of floats."""
+    import torch
+    flat = torch.cat([v.reshape(-1) for v in stats.values()])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flat)
+    values, out = flat.tolist(), {}
+    for k, v in stats.items():
+        out[k], values = (values[:v.numel()] if v.dim() else values[0]), values[v.numel():]
+    return out

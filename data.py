@@ -221,7 +221,7 @@ def array_encoder(meta):
     if meta['tokenizer'] == 'char':
         return _char_encoder(meta['chars'], meta.get('source', 'this dataset'))
     if meta['tokenizer'] == 'gpt2':
-        enc = gpt2_tokenizer()  # <|endoftext|> in the text is the real separator token (TinyStories uses it)
+        enc = gpt2_tokenizer()  # <|endoftext|> in text is the real separator (TinyStories has it)
         return lambda text: np.array(enc.encode(text, allowed_special={'<|endoftext|>'}),
                                      dtype=np.uint16)
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (expected char or gpt2)")
@@ -235,7 +235,8 @@ def same_tokens(meta, other, data_dir):
         raise DataError(f"{data_dir} does not tokenize as the checkpoint's data did (its "
                         f"{' and '.join(what)} differ: it was prepared again from other text?), "
                         f"so its ids would mean other tokens; prepare the run's own data again "
-                        f"(`{meta.get('command', 'python prepare.py ...')}`) or use another out_dir")
+                        f"(`{meta.get('command', 'python prepare.py ...')}`) or use another "
+                        f"out_dir")
 
 def get_tokenizer(meta):
     """(encode, decode) for a dataset's meta: encode(str) -> list[int], decode(list[int]) -> str."""
@@ -262,3 +263,16 @@ def _wait_for_preparation(data_dir):
         pass  # no locks on this filesystem
     finally:
         os.close(fd)
+
+
+def open_dataset(data_dir, B, T, rank, world, eval_tokens):
+    """What a training process reads of the dataset in data_dir: its meta.json, a TokenStream of
+    this process's train batches (B, T) and the first eval_tokens + 1 validation tokens (all of
+    them, if fewer)."""
+    meta = load_meta(data_dir)
+    train = TokenStream(shard_paths(data_dir, 'train'), B, T, rank, world, meta['vocab_size'])
+    val = first_tokens(shard_paths(data_dir, 'val'), eval_tokens + 1, meta['vocab_size'])
+    if (len(val) - 1) // T < world:
+        raise DataError(f"{data_dir}: the val split has {len(val)} tokens: too few for one "
+                        f"block_size={T} sequence per process")
+    return meta, train, val

@@ -8,7 +8,7 @@ scale also the ablation the paper's release did not run: a gated model whose clo
 their keys visible (--hide_closed_keys=false, how the authors' released models were trained),
 which cannot skip whole-sequence passes and must still compute skipped tokens' keys and values.
 
-    python experiment.py                          # CPU scale: bundled Shakespeare, 20-40 min on 2 cores
+    python experiment.py                          # CPU scale: bundled Shakespeare, 20-40 min
     python experiment.py --scale=fineweb --nproc=8   # the paper's FineWeb setup on a GPU box
     python experiment.py --scale=fineweb --dry_run   # print the train.py commands only
     python experiment.py --report_only            # rebuild the table and plot from finished runs
@@ -37,12 +37,14 @@ SCALES = {
     'cpu': dict(
         common=['--dataset=shakespeare_char', '--block_size=128', '--batch_size=16', '--n_embd=128',
                 '--n_head=4', '--n_kv_head=4', '--max_iters=1000', '--eval_interval=500',
-                '--eval_tokens=32768', '--log_interval=100', '--learning_rate=2e-3', '--ctrl_lr=2e-2'],
+                '--eval_tokens=32768', '--log_interval=100', '--learning_rate=2e-3',
+                '--ctrl_lr=2e-2'],
         dense_layers=[2, 4, 6], gated_layers=6, gated_targets=[0.75, 0.5, 0.25],
         visible_targets=[0.5]),
     'fineweb': dict(
         common=['config/fineweb_gated.py'],  # the paper's setup; --gated=false for the baselines
-        dense_layers=[2, 4, 6, 8, 10, 12], gated_layers=12, gated_targets=[0.5], visible_targets=[]),
+        dense_layers=[2, 4, 6, 8, 10, 12], gated_layers=12, gated_targets=[0.5],
+        visible_targets=[]),
 }
 # settings
 scale = 'cpu'            # 'cpu' or 'fineweb' (see SCALES above)
@@ -77,7 +79,8 @@ def runs_for(scale):
 
 
 def train_command(run, out_dir):
-    launcher = ['python'] if nproc == 1 else ['torchrun', '--standalone', f'--nproc_per_node={nproc}']
+    launcher = (['python'] if nproc == 1 else
+                ['torchrun', '--standalone', f'--nproc_per_node={nproc}'])
     args = SCALES[scale]['common'] + [f'--out_dir={out_dir}', f"--n_layer={run['n_layer']}",
                                       f"--gated={str(run['gated']).lower()}"]
     if run['keys'] == 'hidden':
@@ -101,7 +104,8 @@ def decode_speeds(model, tokens, repeats=7):
                                       generator=torch.Generator().manual_seed(1337))
             times[skip].append(time.perf_counter() - t0)
     layers_run = (gates[:, 0, 1:] > 0).float().sum(0).mean().item()
-    return tokens / statistics.median(times[True]), tokens / statistics.median(times[False]), layers_run
+    skipping, every_layer = (tokens / statistics.median(times[k]) for k in (True, False))
+    return skipping, every_layer, layers_run
 
 
 def summarize(run, out_dir):
@@ -127,7 +131,8 @@ def summarize(run, out_dir):
                eval_us_per_token=round(1e6 * last['eval_time'] / last['eval_tokens'], 2),
                decode_tok_s_skip='', decode_tok_s_no_skip='', layers_run='')
     if run['gated'] and not skip_decode:
-        skipping, every_layer, layers_run = decode_speeds(model, min(256, model.config.block_size - 1))
+        tokens = min(256, model.config.block_size - 1)
+        skipping, every_layer, layers_run = decode_speeds(model, tokens)
         row.update(decode_tok_s_skip=round(skipping, 1), decode_tok_s_no_skip=round(every_layer, 1),
                    layers_run=round(layers_run, 2))
     print(f"== {run['name']}: val ce {row['val_ce']}, sparsity {row['sparsity']}", flush=True)
@@ -143,12 +148,15 @@ def write_results(name, command, rows):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    head = ['run', 'layers', 'gated', 'target', 'closed keys', 'val CE', 'sparsity', 'fwd MFLOPs/token, skips counted',
+    head = ['run', 'layers', 'gated', 'target', 'closed keys', 'val CE', 'sparsity',
+            'fwd MFLOPs/token, skips counted',
             'fwd MFLOPs/token, every layer', 'train s', 'train us/token', 'eval us/token',
             'decode tok/s, skipping', 'decode tok/s, every layer', 'layers run / decoded token']
-    lines = [f"Made by `{command}` on {stamp}.", '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    lines = [f"Made by `{command}` on {stamp}.", '', '| ' + ' | '.join(head) + ' |',
+             '|' + '---|' * len(head)]
     for r in rows:
-        cells = dict(r, gated='yes' if r['gated'] else 'no', flops_per_token=f"{r['flops_per_token'] / 1e6:.2f}",
+        cells = dict(r, gated='yes' if r['gated'] else 'no',
+                     flops_per_token=f"{r['flops_per_token'] / 1e6:.2f}",
                      flops_per_token_no_skip=f"{r['flops_per_token_no_skip'] / 1e6:.2f}")
         lines.append('| ' + ' | '.join(str(v) for v in cells.values()) + ' |')
     with open(f'{name}.md', 'w') as f:
@@ -178,11 +186,12 @@ def plot(rows, title, path):
         ax.scatter([r[x] for r in visible], [r['val_ce'] for r in visible], color='C0', zorder=3,
                    marker='s', label="gated, closed keys visible (the release's semantics)")
         for r in dense + gated + visible:
-            ax.annotate(str(r['n_layer']) if not r['gated'] else f"t={r['target']}", (r[x], r['val_ce']),
-                        textcoords='offset points', xytext=(4, 4))
+            label = str(r['n_layer']) if not r['gated'] else f"t={r['target']}"
+            ax.annotate(label, (r[x], r['val_ce']), textcoords='offset points', xytext=(4, 4))
         ax.set_xlabel(label)
     axes[0].scatter([r['flops_per_token_no_skip'] for r in gated], [r['val_ce'] for r in gated],
-                    facecolors='none', edgecolors='C3', zorder=3, label='gated, counting every layer')
+                    facecolors='none', edgecolors='C3', zorder=3,
+                    label='gated, counting every layer')
     axes[0].set_ylabel('validation cross-entropy')
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=8)
@@ -192,17 +201,20 @@ def plot(rows, title, path):
 
 rows = []
 for run in runs_for(scale):
-    out_dir = os.path.join('out_experiment', results, run['name'])  # (an absolute results path wins)
+    out_dir = os.path.join('out_experiment', results, run['name'])  # an absolute results wins
     cmd = train_command(run, out_dir)
     if dry_run:
         print(' '.join(cmd))
         continue
     if not report_only:  # (train.py moves an earlier run's checkpoint and log aside)
         print(f"== {run['name']}: {' '.join(cmd)}", flush=True)
-        code = subprocess.run([sys.executable if cmd[0] == 'python' else cmd[0]] + cmd[1:], cwd=HERE).returncode
+        executable = sys.executable if cmd[0] == 'python' else cmd[0]
+        code = subprocess.run([executable] + cmd[1:], cwd=HERE).returncode
         if code != 0:
-            sys.exit(f"error: the {run['name']} run failed (train.py exited with {code}; its output is above)")
+            sys.exit(f"error: the {run['name']} run failed (train.py exited with {code}; its "
+                     f"output is above)")
     rows.append(summarize(run, os.path.join(HERE, out_dir)))
 if rows:
-    shown = [a for a in sys.argv[1:] if a not in ('--report_only', '--skip_decode')]  # how the runs were made
+    # how the runs were made
+    shown = [a for a in sys.argv[1:] if a not in ('--report_only', '--skip_decode')]
     write_results(os.path.join(HERE, results), ' '.join(['python experiment.py'] + shown), rows)

@@ -46,7 +46,7 @@ run_dir=$(mktemp -d)
 torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.py
           config/shakespeare_char_gpu.py --out_dir="$run_dir")
 if [ "$part" = core ]; then
-  step "CUDA tests" 150 "$py" -m pytest -q -rs test_gpu.py
+  step "CUDA tests" 150 "$py" -m pytest -q -rs tests/test_gpu.py
   step "training step at the paper's size (bf16, compiled)" 240 \
     "$py" bench.py train "${paper[@]}" --batch_size=16 --steps=10 --repeats=3
   step "20 steps under torchrun (NCCL)" 90 "${torchrun[@]}" --max_iters=20 --eval_interval=20 \

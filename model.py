@@ -51,8 +51,8 @@ class GPTConfig:
     hide_closed_keys: bool = True
 
     def __post_init__(self):
-        rules = [(name, getattr(self, name) > 0, "must be positive") for name in
-                 ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "gate_eps")]
+        rules = [(name, getattr(self, name) > 0, "must be positive") for name in (
+            "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "gate_eps")]
         rules += [
             ("data_vocab_size", 0 <= self.data_vocab_size <= self.vocab_size,
              f"must be in [0, vocab_size={self.vocab_size}]"),
@@ -378,7 +378,8 @@ class GateController:
         c, k = (c if coef is None else coef), (k if var_coef is None else var_coef)
         self.mean_coefs = torch.full((n_layer,), c, device=device)
         self.var_coefs = torch.full((n_layer,), k, device=device)
-        self.memory = {name: {"ema": torch.zeros(n_layer, device=device)} for name in ("mean", "var")}
+        self.memory = {name: {"ema": torch.zeros(n_layer, device=device)}
+                       for name in ("mean", "var")}
         self.steps = 0
 
     def loss(self, gates):
@@ -400,7 +401,8 @@ class GateController:
                                         ("var", variances, self.var_targets)):
             d, memory = observed.to(targets) - targets, self.memory[name]
             memory["ema"] = d if self.steps == 0 else 0.9 * memory["ema"] + 0.1 * d
-            coefs = getattr(self, f"{name}_coefs") + self.lr * rule(d, memory) * (d.abs() > self.tol)
+            step = self.lr * rule(d, memory) * (d.abs() > self.tol)
+            coefs = getattr(self, f"{name}_coefs") + step
             setattr(self, f"{name}_coefs", coefs.clamp(*self.limits))
         self.steps += 1
 

@@ -73,7 +73,8 @@ def histogram(gates, n_layer, width=40):
     lines = ["per-layer skip rate of the new tokens:"]
     for layer in range(n_layer):
         rate = (gates[layer] == 0).float().mean().item()
-        lines.append(f"  layer {layer:2d} |{'#' * round(rate * width):<{width}}| {100 * rate:5.1f}%")
+        bar = '#' * round(rate * width)
+        lines.append(f"  layer {layer:2d} |{bar:<{width}}| {100 * rate:5.1f}%")
     return "\n".join(lines)
 
 
@@ -108,7 +109,8 @@ color = sys.stdout.isatty() and not no_color
 if hasattr(sys.stdout, 'reconfigure'):  # a console that cannot show a character shows '?'
     sys.stdout.reconfigure(errors='replace')
 print(f"# {source}, {model.num_params() / 1e6:.2f}M non-embedding params, "
-      f"{'gated' if cfg.gated else 'dense'} n_layer={cfg.n_layer}, {device} {dtype}", file=sys.stderr)
+      f"{'gated' if cfg.gated else 'dense'} n_layer={cfg.n_layer}, {device} {dtype}",
+      file=sys.stderr)
 
 t0 = time.perf_counter()
 with autocast:

@@ -2,30 +2,19 @@
 Train a GPT that learns to skip its middle layers, or a dense baseline.
 
     python train.py                                  # small gated char model, bundled Shakespeare
-    python train.py config/shakespeare_char_gpu.py   # a preset ...
-    python train.py config/fineweb_gated.py --batch_size=16 --compile=false   # ... plus overrides
+    python train.py config/shakespeare_char_gpu.py   # a preset, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py config/fineweb_gated.py
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST train.py ...  # R = 0, 1
-    python train.py --out_dir=out --init_from=resume   # continue exactly where out/ckpt.pt stopped
+    python train.py --out_dir=out --init_from=resume   # go on where out/ckpt.pt stopped
     python train.py --out_dir=out --eval_only          # evaluate out/ckpt.pt; writes nothing
-    python train.py --init_from=tim-lawson/skip-middle-fineweb-baseline-4-layers --dataset=shakespeare
 
-One optimizer step = tokens_per_step tokens = world_size processes x grad_accum micro-steps
-x batch_size x block_size. The loss is cross-entropy + controller.loss(gates); after every
-step the gate controller reads the per-layer gate means and variances of the whole step
-(pooled over micro-steps and processes), so every process updates its coefficients alike.
-
-Written to out_dir: ckpt.pt (at every evaluation, at the end, on SIGTERM or Ctrl-C) and
-log.jsonl (a JSON record per log line and evaluation); a scratch run moves an earlier run's
-files there to ckpt.prev.pt and log.prev.jsonl when it saves its own first checkpoint (a run of
-another model there stops it with one line instead). A resumed run takes the settings saved in
-its checkpoint (the command line's go on top) and retraces an uninterrupted one exactly (on
-CPU), after dropping the log records of steps after its checkpoint, which it takes again. A non-finite loss, or a checkpoint or log that
-cannot be written, stops the run with one line; the last good checkpoint stays.
+One optimizer step = tokens_per_step tokens = processes x grad_accum micro-steps x batch_size x
+block_size. The loss is cross-entropy + the gate regularizer; after each step the controller
+reads the gate means and variances of the whole step. out_dir gets ckpt.pt (at evaluations, at
+the end, on SIGTERM or Ctrl-C) and log.jsonl (checkpoints.RunFiles). A resumed run takes the
+settings in its checkpoint, this command's on top, and retraces an uninterrupted run exactly.
 """
 import contextlib
-import importlib.util
-import json
 import math
 import os
 import signal
@@ -35,12 +24,13 @@ import time
 import numpy as np
 import torch
 
-from checkpoints import (CheckpointError, check_model_args, check_same_model, load_checkpoint,
-                         load_released, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from configurator import check_out_dir, configure, device_and_dtype, peak_flops
+from checkpoints import (RunFiles, check_model_args, check_same_model, load_checkpoint,
+                         load_released, resume_settings, rng_state, set_rng_state)
+from configurator import (check_out_dir, check_train_settings, configure, device_and_dtype,
+                          peak_flops, sum_over_processes)
+from data import open_dataset, same_tokens
 from model import (CONTROLLERS, GPT, GPTConfig, controller_from_settings, gate_moments,
                    pooled_variance)
-from data import TokenStream, first_tokens, load_meta, same_tokens, shard_paths
 from prepare import prepare
 
 # settings
@@ -50,7 +40,7 @@ init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt), or a rel
                                # paper's authors: a hub id or folder (checkpoints.py), GPT-2 data
 eval_interval = 200            # evaluate and checkpoint every this many steps, and at the end
 eval_tokens = 16384            # validation tokens per evaluation: always the first ones of val
-eval_only = False              # evaluate out_dir/ckpt.pt (or --init_from's model) once; writes nothing
+eval_only = False              # evaluate out_dir/ckpt.pt (or --init_from's model); write nothing
 log_interval = 25              # print and log every this many steps
 always_save_checkpoint = True  # False: checkpoint only when the val loss improves
 stop_iter = 0                  # stop with a checkpoint after this many steps, schedule unchanged
@@ -79,7 +69,7 @@ skip = 'auto'                  # gated: run each layer only on the tokens whose 
                                # (the same function as the masked path 'false', less compute);
                                # 'auto' = on when not compiled, 'true', 'false'
 # gate controller (the README lists the six rules)
-controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, proportional_derivative
+controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, ..._derivative
 ctrl_coef = None               # the fixed kinds' mean coefficient; None = the kind's default ...
 ctrl_var_coef = None           # ... and variance coefficient (0.01/0, 0.01/-0.01, l2: 0.1/0.1)
 ctrl_target_start = 1.0        # the mean gate target of the outer layers ...
@@ -109,15 +99,17 @@ deterministic = 'auto'         # torch.use_deterministic_algorithms: 'auto' = on
 backend = 'auto'               # torch.distributed backend: 'auto' = nccl on CUDA, else gloo
 seed = 1337
 # end of settings
-# what a resumed run takes from this command, not from the run's checkpoint: where and how to run
+config, given = configure(globals())
+# what a resumed run takes from this command rather than from its checkpoint: where and how to run
 THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'stop_iter', 'device', 'dtype', 'compile',
                 'deterministic', 'backend')
-config, given = configure(globals())
 
 def need(ok, message):
     if not ok:
         sys.exit(f"error: {message}")
 
+# -----------------------------------------------------------------------------
+# processes, the run's settings, device and precision
 ddp = 'RANK' in os.environ  # launched by torchrun
 rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) \
     if ddp else (0, 0, 1)
@@ -128,46 +120,17 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if eval_only and init_from == 'scratch':  # evaluate the run that is there, never a new model
     need(os.path.isfile(ckpt_path), f"--eval_only evaluates a trained model, and {out_dir} holds "
          f"no ckpt.pt; pass the out_dir of a run, or --init_from=<a released model>")
-    init_from = 'resume'
-if init_from == 'resume':  # the run goes on with its own settings; this command's go on top
-    for k, v in read_checkpoint(ckpt_path, mmap=True)['config'].items():
-        if k in config and k not in given and k not in THIS_COMMAND:
-            config[k] = globals()[k] = v
-
-# the settings no other code checks (GPTConfig and GateController check their own)
-for name, allowed in (('backend', 'auto nccl gloo'), ('compile', 'auto true false'),
-                      ('deterministic', 'auto true false'), ('skip', 'auto true false')):
-    need(config[name] in allowed.split(), f"{name} must be one of {allowed}; got {config[name]!r}")
-for name in ('batch_size', 'eval_interval', 'log_interval', 'eval_tokens', 'learning_rate'):
-    need(config[name] > 0, f"{name} must be positive, got {config[name]}")
-for name in ('tokens_per_step', 'vocab_size', 'max_iters', 'stop_iter', 'weight_decay',
-             'grad_clip'):
-    need(config[name] >= 0, f"{name} must be >= 0, got {config[name]}")
-need(0 <= warmup_frac < 1, f"warmup_frac must be in [0, 1), got {warmup_frac}")
-need(0 <= warmup_start <= 1 and 0 <= min_lr_frac <= 1, "warmup_start, min_lr_frac: in [0, 1]")
-need(controller in CONTROLLERS, f"controller must be one of {', '.join(CONTROLLERS)}; got "
-     f"{controller!r}")
-need(not (wandb_log and master) or importlib.util.find_spec('wandb'),
-     "--wandb_log=true needs wandb, which is optional: pip install wandb")
-
-# -----------------------------------------------------------------------------
-# processes, device, precision
-device, dtype = device_and_dtype(device, dtype)
-if ddp and device.type == 'cuda':
-    device = torch.device('cuda', local_rank)
-if device.type == 'cuda':
-    torch.cuda.set_device(device)
-    # TF32 for the few float32 matmuls outside autocast. (Not the allow_tf32 flags, deprecated
-    # since torch 2.9; nor the new fp32_precision flags: once set, inductor's own reads of the
-    # old setting raise in the torch versions this supports.)
-    torch.set_float32_matmul_precision('high')
+    init_from = config['init_from'] = 'resume'
+if init_from == 'resume':  # the run's saved settings, but for this command's and THIS_COMMAND
+    updates, changed = resume_settings(ckpt_path, config, given, THIS_COMMAND)
+    config.update(updates)
+    globals().update(updates)
+check_train_settings(config, CONTROLLERS)  # one line for a setting that cannot work
+device, dtype = device_and_dtype(device, dtype, local_rank if ddp else None, deterministic)
 if ddp:
     torch.distributed.init_process_group(backend if backend != 'auto' else
                                          'nccl' if device.type == 'cuda' else 'gloo')
 torch.manual_seed(seed)  # the only randomness: initial weights (the data order is fixed)
-if deterministic == 'true' or (deterministic == 'auto' and device.type == 'cpu'):
-    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-    torch.use_deterministic_algorithms(True, warn_only=True)
 autocast = (contextlib.nullcontext() if dtype == 'float32' else
             torch.autocast(device.type, dtype=getattr(torch, dtype)))
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')
@@ -182,25 +145,18 @@ need(grad_accum * B * T * world == tokens_per_step, f"tokens_per_step={tokens_pe
      f"multiple of batch_size*block_size*world_size = {B}*{T}*{world} = {B * T * world}")
 data_dir = data_dir or os.path.join('data', dataset)
 bundled = dataset == 'shakespeare_char' and not config['data_dir']  # needs no network
-need(bundled or os.path.isdir(data_dir), f"data directory {data_dir} not found; run: python "
-     f"prepare.py {dataset}" + ('' if data_dir == os.path.join('data', dataset) else
-                                f" --out_dir {data_dir}"))
 if bundled and not os.path.isfile(os.path.join(data_dir, 'meta.json')) and local_rank == 0:
     # one process per node; nodes that share a filesystem take turns (prepare.py locks it)
     print(f"{data_dir} is not prepared: preparing the bundled shakespeare_char dataset")
     prepare('shakespeare_char')
 if ddp:
     torch.distributed.barrier()  # every process waits for its node's preparation
-meta = load_meta(data_dir)
+meta, train_stream, val_tokens = open_dataset(data_dir, B, T, rank, world, eval_tokens)
+if len(val_tokens) <= eval_tokens:
+    say(f"note: eval_tokens={eval_tokens}, but the val split has {len(val_tokens)}: using them all")
 model_vocab = vocab_size or -(-meta['vocab_size'] // 64) * 64  # padded to 64: faster matmuls
 need(model_vocab >= meta['vocab_size'], f"vocab_size={model_vocab} is smaller than the "
      f"{meta['vocab_size']} tokens of {data_dir}/meta.json; use --vocab_size=0 to follow the data")
-train_stream = TokenStream(shard_paths(data_dir, 'train'), B, T, rank, world, meta['vocab_size'])
-val_tokens = first_tokens(shard_paths(data_dir, 'val'), eval_tokens + 1, meta['vocab_size'])
-if len(val_tokens) <= eval_tokens:
-    say(f"note: eval_tokens={eval_tokens}, but the val split has {len(val_tokens)}: using them all")
-need((len(val_tokens) - 1) // T >= world, f"the val split has {len(val_tokens)} tokens: too few "
-     f"for one block_size={T} sequence per process")
 if max_iters == 0:  # one pass over the train data, as the paper's runs
     max_iters = sum(len(s) for s in train_stream.shards) // tokens_per_step
     need(max_iters > 0, f"max_iters=0 means one pass over the train data, but {data_dir} holds "
@@ -219,11 +175,6 @@ if init_from == 'resume':
     same_tokens(ckpt['meta'], meta, data_dir)  # data prepared again since: ids would change meaning
     if ckpt['config']['init_from'] in ('scratch', 'resume'):  # else the release set the model
         check_model_args(ckpt_path, ckpt['model_args'], model_args)
-    harmless = ('out_dir', 'init_from', 'eval_interval', 'eval_only', 'log_interval', 'stop_iter',
-                'always_save_checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'compile',
-                'skip', *model_args)
-    changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in ckpt['config'].items()
-               if k in config and v != config[k] and k not in harmless]
     if changed and not eval_only:
         say("note: resuming with settings that differ from the checkpoint's, so the run will not "
             "retrace an uninterrupted one: " + ", ".join(changed))
@@ -247,8 +198,9 @@ need(skip != 'true' or hide_closed_keys, "--skip=true needs closed keys hidden (
 # packing syncs with the host once per layer, which breaks a compiled graph into pieces
 skip = gated and hide_closed_keys and (skip == 'true' or (skip == 'auto' and not use_compile))
 model.to(device)
-optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type, adam_eps)
-scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no loss scaling
+optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type,
+                                      adam_eps)
+scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no scaling
 ctrl = controller_from_settings(config, n_layer, device) if gated else None
 step, best_val_loss, train_flops, train_time = 0, math.inf, 0.0, 0.0
 if ckpt is not None:
@@ -267,18 +219,18 @@ train_model = torch.compile(model) if use_compile else model
 if ddp:
     train_model = torch.nn.parallel.DistributedDataParallel(
         train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
-processes = f"ddp {torch.distributed.get_backend()}" if ddp else "single process"
 say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model "
-    f"{model.config.vocab_size}); "
-    f"model {model.num_params() / 1e6:.2f}M non-embedding params, "
+    f"{model.config.vocab_size}); model {model.num_params() / 1e6:.2f}M non-embedding params, "
     f"{('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'}, "
-    f"{n_layer} layers; device {device} x {world} ({processes}), {dtype}, compile {use_compile}")
+    f"{n_layer} layers; device {device} x {world} "
+    f"({f'ddp {torch.distributed.get_backend()}' if ddp else 'single process'}), {dtype}, "
+    f"compile {use_compile}")
 say(f"tokens per step {tokens_per_step:,} = {world} procs x {grad_accum} accum x {B} x {T}; "
     f"{max_iters} steps; fwd FLOPs/token dense {model.flops_per_token(0.0):.3g}; MFU counts the "
     f"(token, layer) pairs computed ({'the unskipped ones' if skip else 'all of them'})")
 
 # -----------------------------------------------------------------------------
-# schedule, statistics, evaluation, logging and checkpoints
+# the learning rate, evaluation, checkpoints
 
 def get_lr(it):
     """Linear warmup from warmup_start x over warmup_frac of max_iters, cosine to min_lr_frac x."""
@@ -291,33 +243,21 @@ def get_lr(it):
     low = learning_rate * min_lr_frac
     return low + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - low)
 
-def sum_over_processes(stats):
-    """The named tensors in stats summed over all processes with one all_reduce (gloo has no
-    average) and read back with one host sync, as floats and lists of floats."""
-    flat = torch.cat([v.reshape(-1) for v in stats.values()])
-    if ddp:
-        torch.distributed.all_reduce(flat)
-    values, out = flat.tolist(), {}
-    for k, v in stats.items():
-        out[k], values = (values[:v.numel()] if v.dim() else values[0]), values[v.numel():]
-    return out
-
 @torch.no_grad()
 def evaluate():
-    """Cross-entropy and per-layer gate statistics on the fixed validation sequences
-    (sequence i goes to process i % world_size), averaged over all of them."""
+    """Cross-entropy, sparsity and per-layer statistics (gate mean, variance, share of zeros,
+    residual-stream norm) on the fixed validation sequences; sequence i goes to process
+    i % world_size. The uncompiled model: an evaluation is too short to pay for compiling."""
     model.eval()
-    n_seq = (len(val_tokens) - 1) // T
-    mine = list(range(rank, n_seq, world))
+    mine = list(range(rank, (len(val_tokens) - 1) // T, world))
     f64 = torch.float32 if device.type == 'mps' else torch.float64  # long sums (MPS has no fp64)
     sums = {k: torch.zeros(() if k in ('ce', 'tokens') else n_layer, device=device, dtype=f64)
             for k in ('ce', 'tokens', 'gate_mean', 'gate_sq', 'gate_zero', 'resid_norm')}
     for i in range(0, len(mine), B):
         rows = np.stack([val_tokens[j * T:j * T + T + 1] for j in mine[i:i + B]]).astype(np.int64)
-        rows = torch.from_numpy(rows).to(device)
-        x, y = rows[:, :-1], rows[:, 1:]
-        with autocast:  # the uncompiled model: an evaluation is too short to pay for compiling
-            norms = []
+        x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
+        norms = []
+        with autocast:
             _, ce, gates = model(x, y, skip=skip, norms=norms)
         n = x.numel()
         g = gates.to(f64) if gates is not None else torch.ones(n_layer, *x.shape).to(device, f64)
@@ -330,118 +270,26 @@ def evaluate():
     model.train()
     s = sum_over_processes(sums)
     n, mean = s['tokens'], [v / s['tokens'] for v in s['gate_mean']]
-    var = [max(0.0, q / n - m * m) for q, m in zip(s['gate_sq'], mean)]
-    layers = {'gate_mean': mean, 'gate_var': var, 'gate_zero': [v / n for v in s['gate_zero']],
+    layers = {'gate_mean': mean, 'gate_var': [max(0.0, q / n - m * m) for q, m in
+                                              zip(s['gate_sq'], mean)],
+              'gate_zero': [v / n for v in s['gate_zero']],
               'resid_norm': [v / n for v in s['resid_norm']]}
     return s['ce'] / n, sum(layers['gate_zero']) / n_layer, layers
 
-def layer_table(layers):
-    """Per-layer statistics as rows of a table with one column per layer."""
-    rows = ['  layer     ' + ''.join(f'{i:>7d}' for i in range(n_layer))]
-    for name, values in layers.items():
-        rows.append(f'  {name:<10}' + ''.join(f'{v:>7.3f}' if v < 1e3 else f'{v:>7.0f}'
-                                              for v in values))
-    return '\n'.join(rows)
-
-def keep_log_until(path, step):
-    """Drop the records of steps after `step` from the log at path, and those of earlier starts
-    from it: a resumed run takes those steps again (a run stopped by a crash or a full disk
-    logged steps its checkpoint lacks), so each step keeps one record of each kind."""
-    def kept(r):
-        return r['step'] < step or (r['step'] == step and r['type'] != 'start')
-    with open(path) as f:
-        lines = f.readlines()  # a line cut short by a crash does not end the record: dropped
-    keep = [line for line in lines if line.endswith('}\n') and kept(json.loads(line))]
-    if len(keep) < len(lines):
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(keep)
-        os.replace(path + '.tmp', path)
-        say(f"note: dropped {len(lines) - len(keep)} records after step {step} from {path}")
-
-def last_good():
-    return (f"the last good checkpoint {ckpt_path} (step {last_saved}) is kept"
-            if last_saved is not None else "no checkpoint had been written yet")
-
-# A new run keeps an earlier run's checkpoint and log where they are until it saves its own
-# first checkpoint; until then its log records wait in `pending` (they are printed anyway).
-# --eval_only writes nothing.
-log_path = os.path.join(out_dir, 'log.jsonl')
-last_saved = step if init_from == 'resume' else None
-pending = [] if master and init_from != 'resume' and not eval_only else None
-log_file = None
-if master and init_from == 'resume' and not eval_only:
-    if os.path.exists(log_path):
-        keep_log_until(log_path, step)
-    log_file = open(log_path, 'a')
-
-def log(record):
-    if pending is not None:
-        pending.append(record)
-    elif log_file is not None:
-        try:
-            log_file.write(json.dumps(record) + '\n')
-            log_file.flush()
-        except OSError as e:
-            sys.exit(f"error: could not write {log_path} ({e.strerror}); {last_good()}")
-
-def save(val_loss):
-    global pending, log_file, last_saved
-    if pending is not None:  # this run's first checkpoint: now an earlier run's files move aside
-        for name, prev in (('ckpt.pt', 'ckpt.prev.pt'), ('log.jsonl', 'log.prev.jsonl')):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.replace(os.path.join(out_dir, name), os.path.join(out_dir, prev))
-                print(f"note: moved the earlier run's {out_dir}/{name} to {prev} (--init_from=resume "
-                      f"continues a run instead)")
-        log_file = open(log_path, 'w')
-        records, pending = pending, None
-        for r in records:
-            log(r)
-    try:
-        save_checkpoint({
-            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+def checkpoint():
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'model_args': model_args, 'config': config, 'meta': meta, 'step': step,
             'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'rng': rng_state(),
-            'controller': ctrl.state_dict() if ctrl else None, 'val_loss': val_loss,
+            'controller': ctrl.state_dict() if ctrl else None,
             'data_state': train_stream.state_dict(), 'best_val_loss': best_val_loss,
-            'train_flops': train_flops, 'train_time': train_time}, ckpt_path)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}; {last_good()}")
-    last_saved = step
-    say(f"saved {ckpt_path} (step {step})")
+            'train_flops': train_flops, 'train_time': train_time}
 
-def run_eval(force_save=False):
-    """Evaluate, print and log it, and checkpoint (at step > 0) if the settings say so."""
-    global best_val_loss
-    t0 = time.time()
-    val_loss, sparsity, layers = evaluate()
-    eval_time = time.time() - t0
-    flops = model.flops_per_token(sparsity)
-    improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
-    say(f"eval step {step} | val ce {val_loss:.4f} | sparsity {sparsity:.3f} | fwd FLOPs/token "
-        f"{flops:.3g} (dense {model.flops_per_token(0.0):.3g}) | train FLOPs {train_flops:.3g} in "
-        f"{train_time:.0f}s | eval {eval_time:.1f}s\n" + layer_table(layers))
-    log({'type': 'eval', 'step': step, 'val_loss': val_loss, 'sparsity': sparsity,
-         'flops_per_token': flops, 'train_flops': train_flops, 'train_time': train_time,
-         'eval_time': eval_time, 'eval_tokens': (len(val_tokens) - 1) // T * T,
-         'tokens': step * tokens_per_step, **layers})
-    if wandb:
-        wandb.log({'val/loss': val_loss, 'val/sparsity': sparsity, 'val/flops_per_token': flops},
-                  step=step)
-    if master and not eval_only and step > 0 and (improved or always_save_checkpoint or force_save):
-        save(val_loss)
-
-log({'type': 'start', 'step': step, 'resumed': init_from == 'resume', 'world_size': world,
-     'grad_accum': grad_accum, 'tokens_per_step': tokens_per_step, 'device': str(device),
-     'dtype': dtype,  # strict JSON has no Infinity: unbounded controller limits become strings
-     'config': {k: str(v) if v in (math.inf, -math.inf) else v for k, v in config.items()}})
-wandb = None
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-if eval_only:
-    run_eval()
-    sys.exit(0)
-
+run = RunFiles(out_dir, step if init_from == 'resume' else None, write=master and not eval_only,
+               wandb_settings=(wandb_project, wandb_run_name, config) if wandb_log else None)
+run.log({'type': 'start', 'step': step, 'resumed': init_from == 'resume', 'world_size': world,
+         'grad_accum': grad_accum, 'tokens_per_step': tokens_per_step, 'device': str(device),
+         'dtype': dtype,  # strict JSON has no Infinity: unbounded controller limits as strings
+         'config': {k: str(v) if v in (math.inf, -math.inf) else v for k, v in config.items()}})
 stop_signal = []  # SIGTERM or Ctrl-C (preemption): finish the step, checkpoint, exit
 
 def on_signal(signum, frame):
@@ -449,19 +297,34 @@ def on_signal(signum, frame):
         raise KeyboardInterrupt
     stop_signal.append(signum)
 
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
 
 # -----------------------------------------------------------------------------
 # the training loop
 end = stop_iter or max_iters
-evaluated_at = last_saved  # a resumed step was evaluated before it was saved
+evaluated_at = step if init_from == 'resume' and not eval_only else None  # saved after its eval
 stopping = False
 while True:
-    if (step % eval_interval == 0 or step >= end or stopping) and step != evaluated_at:
-        run_eval(force_save=stopping)
+    if (step % eval_interval == 0 or step >= end or stopping or eval_only) and step != evaluated_at:
+        t0 = time.time()
+        val_loss, sparsity, layers = evaluate()
+        eval_time, flops = time.time() - t0, model.flops_per_token(sparsity)
+        say(f"eval step {step} | val ce {val_loss:.4f} | sparsity {sparsity:.3f} | fwd FLOPs/token "
+            f"{flops:.3g} (dense {model.flops_per_token(0.0):.3g}) | train FLOPs {train_flops:.3g} "
+            f"in {train_time:.0f}s | eval {eval_time:.1f}s")
+        for name, values in {'layer': range(n_layer), **layers}.items():  # a column per layer
+            say(f"  {name:<10}" + ''.join(f"{v:>7d}" if name == 'layer' else f"{v:>7.3f}"
+                                          if v < 1e3 else f"{v:>7.0f}" for v in values))
+        run.log({'type': 'eval', 'step': step, 'val_loss': val_loss, 'sparsity': sparsity,
+                 'flops_per_token': flops, 'train_flops': train_flops, 'train_time': train_time,
+                 'eval_time': eval_time, 'eval_tokens': (len(val_tokens) - 1) // T * T,
+                 'tokens': step * tokens_per_step, **layers})
+        improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
+        if step > 0 and (improved or always_save_checkpoint or stopping):
+            run.save(checkpoint(), step)
         evaluated_at = step
-    if step >= end or stopping:
+    if step >= end or stopping or eval_only:
         break
 
     lr = get_lr(step)
@@ -494,9 +357,8 @@ while True:
     stats['stop'] += float(bool(stop_signal))  # a signal to any process stops them all
     s = sum_over_processes(stats)  # every process gets the same numbers
     loss = s['ce'] + s['reg']
-    if not math.isfinite(loss):
-        sys.exit(f"error: non-finite loss at step {step + 1} (ce {s['ce']}, reg {s['reg']}); "
-                 f"training stopped without saving; {last_good()}")
+    need(math.isfinite(loss), f"non-finite loss at step {step + 1} (ce {s['ce']}, reg {s['reg']}); "
+         f"training stopped without saving; {run.kept()}")
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -509,8 +371,7 @@ while True:
         variance = pooled_variance(mean, square)  # the whole step's
         ctrl.update(mean, variance)
         sparsity = sum(s['gate_zero']) / n_layer
-    flops = model.flops_per_token(sparsity)
-    train_flops += 3 * flops * tokens_per_step
+    train_flops += 3 * model.flops_per_token(sparsity) * tokens_per_step
     dt = time.time() - t0
     train_time += dt
     step += 1
@@ -529,14 +390,11 @@ while True:
         if ctrl is not None:
             record.update(gate_mean=s['gate_mean'], gate_var=variance.tolist(),
                           mean_coefs=ctrl.mean_coefs.tolist(), var_coefs=ctrl.var_coefs.tolist())
-        log(record)
-        if wandb:
-            wandb.log({f'train/{k}': v for k, v in record.items() if type(v) is float}, step=step)
+        run.log(record)
     if stopping:
         say(f"stop signal received: checkpointing at step {step} and exiting")
 
-if wandb:
-    wandb.finish()
+run.close()
 if ddp:  # every process waits for the last checkpoint before the group goes down
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

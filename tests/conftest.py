@@ -7,7 +7,25 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts
+
+
+def files_in_the_repository():
+    return {os.path.join(d, f) for d, dirs, files in os.walk(ROOT) for f in files
+            if not {'.git', '__pycache__', '.pytest_cache'} & set(d[len(ROOT):].split(os.sep))}
+
+
+def pytest_sessionstart(session):
+    session.files_before = files_in_the_repository()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write only under pytest's tmp_path: a file they leave in the repository fails the run."""
+    new = files_in_the_repository() - session.files_before
+    if new:
+        print(f"\nerror: the tests wrote into the repository: {sorted(new)[:5]}", file=sys.stderr)
+        session.exitstatus = 1
 
 
 def pytest_addoption(parser):

@@ -68,6 +68,13 @@ def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
         assert float(r["flops_per_token"]) <= float(r["flops_per_token_no_skip"])
     with open(f"{name}.md") as f:
         assert f.read().startswith(f"Made by `python experiment.py --results={name} --max_iters=4")
+    # --report_only rebuilds the tables from the finished runs, training nothing
+    out = run("experiment.py", f"--results={name}", "--report_only", "--skip_decode")
+    assert "== dense2: val ce" in out and "train.py" not in out
+    with open(f"{name}.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [r["val_ce"] for r in again] == [r["val_ce"] for r in rows]
+    assert all(r["decode_tok_s_skip"] == "" for r in again)
 
 
 @pytest.mark.slow
