@@ -341,10 +341,12 @@ def bench_run(max_iters, device):
               f"{r['loss']!r} |")
 
 
-device, dtype = device_and_dtype(device, dtype)
-if mode == 'run':
+if mode == 'run':  # with train.py's deterministic kernels, so that its losses are train.py's
+    device, dtype = device_and_dtype(device, dtype,
+                                     deterministic=train_settings()['deterministic'])
     bench_run(run_steps, device)
     sys.exit(0)
+device, dtype = device_and_dtype(device, dtype)
 model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                   n_embd=n_embd, hide_closed_keys=hide_closed_keys)
 use_compile = compile == 'true' or (compile == 'auto' and device.type == 'cuda')

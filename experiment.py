@@ -186,16 +186,16 @@ def plot(rows, title, path):
         ax.scatter([r[x] for r in visible], [r['val_ce'] for r in visible], color='C0', zorder=3,
                    marker='s', label="gated, closed keys visible (the release's semantics)")
         for r in dense + gated + visible:
-            label = str(r['n_layer']) if not r['gated'] else f"t={r['target']}"
-            ax.annotate(label, (r[x], r['val_ce']), textcoords='offset points', xytext=(4, 4))
+            tag = str(r['n_layer']) if not r['gated'] else f"t={r['target']}"
+            ax.annotate(tag, (r[x], r['val_ce']), textcoords='offset points', xytext=(4, 4))
         ax.set_xlabel(label)
     axes[0].scatter([r['flops_per_token_no_skip'] for r in gated], [r['val_ce'] for r in gated],
                     facecolors='none', edgecolors='C3', zorder=3,
                     label='gated, counting every layer')
     axes[0].set_ylabel('validation cross-entropy')
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc='lower center', ncol=4, fontsize=8)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend below the plots, where it hides nothing
     fig.savefig(path, dpi=120)
 
 
