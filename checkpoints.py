@@ -1,6 +1,7 @@
 """
-Checkpoints: train.py's own, written atomically and read back with checks, and the paper's
-authors' released models converted to GPTs of model.py.
+A training run's files: train.py's checkpoints (written atomically, read back with checks, the
+settings a resumed run takes from them) and its log (RunFiles); and the paper's authors'
+released models, converted to GPTs of model.py.
 
 Released models: T. Lawson and L. Aitchison's FineWeb models on the Hugging Face hub (MIT
 licence), e.g. tim-lawson/skip-middle-fineweb-baseline-4-layers or
