@@ -666,6 +666,12 @@ def test_explicit_fixed_coefficients_including_zero(tmp_path):
     # a fixed kind's coefficients are settings: a resume that changes one uses the new value
     run(['--init_from=resume', '--max_iters=4', '--ctrl_coef=0.03'], str(tmp_path / 'sparsity'))
     assert [r['mean_coefs'] for r in records(str(tmp_path / 'sparsity'), 'train')][-1] == pytest.approx([0.03] * 2)
+    # a target kind starts from them (and then moves them)
+    out = str(tmp_path / 'proportional')
+    run(TINY + ['--max_iters=1', '--eval_interval=1', '--ctrl_coef=0.02', '--ctrl_var_coef=-0.01'], out)
+    r = records(out, 'train')[0]
+    mu, var = torch.tensor(r['gate_mean']), torch.tensor(r['gate_var']) * 128 / 127
+    assert r['reg'] == pytest.approx((0.02 * mu - 0.01 * var).mean().item(), rel=1e-5, abs=0)
 
 
 @pytest.mark.slow
