@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from configurator import configure, device_and_dtype, peak_flops, settings_block
-from model import (GPT, GateController, GPTConfig, controller_from_settings, gate_moments,
-                   pooled_variance)
+from configurator import (configure, device_and_dtype, gate_controller, model_config, peak_flops,
+                          settings_block)
+from model import GPT, GateController, GPTConfig, gate_moments, pooled_variance
 from skipping import KVCache
 from data import TokenStream, load_meta, shard_paths
 from prepare import prepare
@@ -293,15 +293,10 @@ def bench_run(max_iters, device):
                               ('gated, masked (--skip=false)', True, False),
                               ('gated, skipping (the default)', True, True)):
         torch.manual_seed(s['seed'])
-        model = GPT(GPTConfig(
-            vocab_size=s['vocab_size'] or -(-meta['vocab_size'] // 64) * 64,
-            data_vocab_size=meta['vocab_size'], block_size=T, n_layer=L, n_head=s['n_head'],
-            n_kv_head=s['n_kv_head'], n_embd=s['n_embd'], rope_theta=s['rope_theta'],
-            norm_eps=s['norm_eps'], gated=gated, gate_init=s['gate_init'], gate_eps=s['gate_eps'],
-            hide_closed_keys=s['hide_closed_keys'])).to(device)
+        model = GPT(model_config(dict(s, gated=gated), meta['vocab_size'])).to(device)
         opt = model.configure_optimizer(s['learning_rate'], (s['beta1'], s['beta2']),
                                         s['weight_decay'], device.type, s['adam_eps'])
-        ctrl = controller_from_settings(s, L, device) if gated else None
+        ctrl = gate_controller(s, L, device) if gated else None
         stream = TokenStream(shard_paths(data_dir, 'train'), B, T, 0, 1, meta['vocab_size'])
         runs[name] = dict(model=model, opt=opt, ctrl=ctrl, stream=stream, skip=skip, ms=[],
                           zero=[], loss=None)

@@ -96,23 +96,29 @@ def check_model_args(path, saved_args, model_args):
 
 def resume_settings(path, config, given, this_command):
     """A resumed run's settings: those saved in its checkpoint at path, but for those this
-    command gives (given) and those of where and how it runs (this_command). Returns them (a
-    dict of the settings in config to change) and the given ones that differ from the saved
-    ones in a way that keeps the run from retracing its first part (a list, for a note)."""
-    saved = read_checkpoint(path, mmap=True)["config"]
+    command gives (given) and those of where and how it runs and is watched (this_command).
+    Returns them (a dict of the settings in config to change); the given ones that differ from
+    the saved ones in a way that keeps the run from retracing its first part (a list, for a
+    note); and notes on what the run did that this command does not (a list)."""
+    saved = dict(read_checkpoint(path, mmap=True)["config"])
+    if "attn_backend" in saved:  # older checkpoints, in which a coefficient of 0 meant the default
+        saved.update({k: None for k in ("ctrl_coef", "ctrl_var_coef") if saved.get(k) == 0})
     updates = {k: v for k, v in saved.items()
                if k in config and k not in given and k not in this_command}
-    harmless = ("eval_interval", "log_interval", "always_save_checkpoint", "wandb_log",
-                "wandb_project", "wandb_run_name", "skip", *this_command)
+    harmless = ("eval_interval", "log_interval", "always_save_checkpoint", "skip", *this_command)
     changed = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(given & saved.keys())
                if saved[k] != config[k] and k not in harmless]
-    return updates, changed
+    notes = []
+    if saved.get("wandb_log") and not config["wandb_log"]:
+        notes.append(f"the run logged to wandb (project {saved['wandb_project']!r}); this command "
+                     f"does not: pass --wandb_log=true to go on")
+    return updates, changed, notes
 
 
 def check_same_model(path, model_args):
     """A new run in a folder that holds a checkpoint at path may push aside (to ckpt.prev.pt)
     an earlier run of the same model, never a run of another model: a one-line CheckpointError
-    then, saying how to keep both or replace it. (An unreadable file is pushed aside.)"""
+    then, saying how to keep both. (An unreadable file is pushed aside.)"""
     try:
         saved_args = read_checkpoint(path, mmap=True)["model_args"]
     except CheckpointError:
@@ -121,8 +127,8 @@ def check_same_model(path, model_args):
         k, old, new = difference
         where = os.path.dirname(path) or "."
         raise CheckpointError(f"{where} holds a run of another model ({k}={old!r} there, "
-                              f"{k}={new!r} here): pass another --out_dir to keep both, or "
-                              f"delete {path} to replace it")
+                              f"{k}={new!r} here): pass another --out_dir to keep both (or "
+                              f"move {where} elsewhere first)")
 
 
 def read_checkpoint(path, device="cpu", mmap=False):

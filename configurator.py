@@ -7,7 +7,7 @@ That applies each preset file named on the command line (executed as Python) and
 false are booleans; a bare --key sets a boolean) and must have the type of the default it
 replaces (an int may stand for a float). A setting whose default is None is an optional number:
 None (the default of whatever it feeds) or an int or float. --help prints the docstring and the
-settings block.
+settings block. model_config and gate_controller build what train.py's settings describe.
 Mistakes stop the script with one line, and so do the errors that model.py, data.py and
 checkpoints.py raise on purpose (ConfigError, DataError, CheckpointError): "error: ..." instead
 of a traceback.
@@ -150,9 +150,35 @@ def check_train_settings(c, controllers):
         sys.exit(f"error: warmup_frac must be in [0, 1), got {c['warmup_frac']}")
     if not (0 <= c['warmup_start'] <= 1 and 0 <= c['min_lr_frac'] <= 1):
         sys.exit("error: warmup_start, min_lr_frac: in [0, 1]")
-    if c['wandb_log'] and importlib.util.find_spec('wandb') is None:
+    if c['wandb_log'] and not c['eval_only'] and importlib.util.find_spec('wandb') is None:
         sys.exit("error: --wandb_log=true needs wandb, which is optional: pip install wandb")
 
+
+# ------------------------------------------------------------ what train.py's settings build
+
+def model_config(settings, data_vocab_size):
+    """The GPTConfig that train.py's settings describe: a setting named like one of its fields
+    sets it, so a new field reaches every script that builds a model. vocab_size 0 follows the
+    data: its data_vocab_size ids, rounded up to a multiple of 64 (faster matmuls)."""
+    from model import GPTConfig
+    args = {k: v for k, v in settings.items() if k in GPTConfig.__dataclass_fields__}
+    args['vocab_size'] = settings['vocab_size'] or -(-data_vocab_size // 64) * 64
+    return GPTConfig(**args, data_vocab_size=data_vocab_size)
+
+
+def gate_controller(settings, n_layer, device='cpu'):
+    """The GateController that train.py's settings describe: `controller` is its kind and each
+    ctrl_X its argument X, or else the rule's keyword argument X (a rule that has no X does not
+    get it), so every script that trains builds the same one."""
+    import inspect
+    from model import TARGET_RULES, GateController
+    rule = TARGET_RULES.get(settings['controller'])
+    takes = set(inspect.signature(GateController).parameters)
+    if rule is not None:
+        takes |= set(inspect.signature(rule).parameters) - {'d', 'memory'}
+    args = {k[len('ctrl_'):]: v for k, v in settings.items()
+            if k.startswith('ctrl_') and k[len('ctrl_'):] in takes}
+    return GateController(settings['controller'], n_layer, device=device, **args)
 
 def device_and_dtype(device='auto', dtype='auto', local_rank=None, deterministic=None):
     """The torch.device to run on and the name of the compute dtype: 'auto' picks CUDA, then

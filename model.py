@@ -326,8 +326,10 @@ def pooled_variance(mean, square):
 
 # A target rule moves each layer's coefficient after every step, from the error d (L,) of that
 # layer's gate mean (or variance) from its target: c += lr * rule(d, memory) where |d| > tol.
-# memory is the rule's own dict, saved with the controller; memory["ema"] is ema10(d), the
-# exponential moving average of d (weight 0.1 for the newest), updated before the rule reads it.
+# A step is the general form: a rule that sets c = f(errors so far) steps by f's change (see
+# proportional_integral). memory is the rule's own dict, empty at first, set up by the rule and
+# saved with every checkpoint (tensors, numbers, lists). train.py's other ctrl_X settings reach
+# a rule's keyword argument X.
 
 def adaptive(d, memory):
     return torch.sign(d)
@@ -338,15 +340,29 @@ def proportional(d, memory):
 
 
 def proportional_derivative(d, memory):
-    return d * (d * (d - memory["ema"]) > 0)  # only while the error still grows away from 0
+    ema = memory["ema"] = 0.9 * memory["ema"] + 0.1 * d if "ema" in memory else d  # ema10(d)
+    return d * (d * (d - ema) > 0)  # only while the error still grows away from 0
+
+
+def proportional_integral(d, memory, kp=10.0):
+    # c = lr * (kp * d + the running sum of d), as a step: the sum's step is d, kp * d's is
+    # kp * (d - the previous d). (Exact with tol = 0; tol skips some of the kp steps.)
+    step = kp * (d - memory.get("previous", 0.0)) + d
+    memory["previous"] = d
+    return step
 
 
 TARGET_RULES = {"adaptive": adaptive, "proportional": proportional,
-                "proportional_derivative": proportional_derivative}
+                "proportional_derivative": proportional_derivative,
+                "proportional_integral": proportional_integral}
 # the fixed kinds' default coefficients (c, k): they never move
 FIXED = {"sparsity": (0.01, 0.0), "sparsity_variance": (0.01, -0.01),
          "sparsity_variance_l2": (0.1, 0.1)}
-CONTROLLERS = (*FIXED, *TARGET_RULES)
+
+
+def controller_kinds():
+    """Every kind of controller, read when asked: a rule added to TARGET_RULES counts at once."""
+    return (*FIXED, *TARGET_RULES)
 
 
 class GateController:
@@ -356,21 +372,22 @@ class GateController:
     keep c = coef and k = var_coef (None: their defaults, FIXED); sparsity_variance_l2 puts them
     on the Euclidean distances of mu and v from their targets instead. The target kinds start
     there (None: 0) and move c by the mean errors mu - t, k by the variance errors v - (t(1 - t)
-    + delta):
-    t runs linearly from target_start (the outer layers) to target_end (the middle), mirrored.
-    lr None: 1e-2 for proportional_derivative, else 1e-3 (the paper's). coef_min and coef_max
-    clamp the moving coefficients. (train.py's settings controller and ctrl_X are kind and X.)"""
+    + delta): t runs linearly from target_start (the outer layers) to target_end (the middle),
+    mirrored. lr is the rule's step (the paper's 1e-3; its proportional_derivative runs used
+    1e-2); coef_min and coef_max clamp the moving coefficients. rule_args go to the rule as
+    keyword arguments. (configurator.gate_controller builds one from train.py's settings.)"""
 
     def __init__(self, kind, n_layer, *, coef=None, var_coef=None, target_start=1.0,
-                 target_end=0.5, var_target_delta=0.0, lr=None, tol=0.01, coef_min=-math.inf,
-                 coef_max=math.inf, device="cpu"):
-        if kind not in CONTROLLERS:
-            raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}; got {kind!r}")
-        lr = (1e-2 if kind == "proportional_derivative" else 1e-3) if lr is None else lr
+                 target_end=0.5, var_target_delta=0.0, lr=1e-3, tol=0.01, coef_min=-math.inf,
+                 coef_max=math.inf, device="cpu", **rule_args):
+        if kind not in controller_kinds():
+            raise ConfigError(f"controller must be one of {', '.join(controller_kinds())}; "
+                              f"got {kind!r}")
         if not (0 <= target_start <= 1 and 0 <= target_end <= 1 and lr >= 0 and tol >= 0):
             raise ConfigError(f"controller targets must be in [0, 1] and lr, tol >= 0; got "
                               f"{target_start}, {target_end}, lr={lr}, tol={tol}")
         self.kind, self.lr, self.tol, self.limits = kind, lr, tol, (coef_min, coef_max)
+        self.rule_args = rule_args
         half = torch.linspace(target_start, target_end, n_layer // 2, device=device)
         self.mean_targets = t = torch.cat([half, half.flip(0)])
         self.var_targets = (t * (1 - t) + var_target_delta).clamp_min(0)
@@ -378,8 +395,7 @@ class GateController:
         c, k = (c if coef is None else coef), (k if var_coef is None else var_coef)
         self.mean_coefs = torch.full((n_layer,), c, device=device)
         self.var_coefs = torch.full((n_layer,), k, device=device)
-        self.memory = {name: {"ema": torch.zeros(n_layer, device=device)}
-                       for name in ("mean", "var")}
+        self.memory = {"mean": {}, "var": {}}  # the rule's, for the means and the variances
         self.steps = 0
 
     def loss(self, gates):
@@ -396,20 +412,21 @@ class GateController:
         step (pooled over micro-steps and processes, so every process takes the same step)."""
         if self.kind in FIXED:
             return
-        rule = TARGET_RULES[self.kind]
-        for name, observed, targets in (("mean", means, self.mean_targets),
-                                        ("var", variances, self.var_targets)):
-            d, memory = observed.to(targets) - targets, self.memory[name]
-            memory["ema"] = d if self.steps == 0 else 0.9 * memory["ema"] + 0.1 * d
-            step = self.lr * rule(d, memory) * (d.abs() > self.tol)
-            coefs = getattr(self, f"{name}_coefs") + step
-            setattr(self, f"{name}_coefs", coefs.clamp(*self.limits))
+        d_mean = means.to(self.mean_targets) - self.mean_targets
+        d_var = variances.to(self.var_targets) - self.var_targets
+        self.mean_coefs = self.step(self.mean_coefs, d_mean, self.memory["mean"])
+        self.var_coefs = self.step(self.var_coefs, d_var, self.memory["var"])
         self.steps += 1
+
+    def step(self, coefs, d, memory):
+        """coefs moved by lr * rule(d, memory) where |d| > tol, then clamped."""
+        rule = TARGET_RULES[self.kind]
+        moved = coefs + self.lr * rule(d, memory, **self.rule_args) * (d.abs() > self.tol)
+        return moved.clamp(*self.limits)
 
     def state_dict(self):
         return {"kind": self.kind, "steps": self.steps, "mean_coefs": self.mean_coefs.cpu(),
-                "var_coefs": self.var_coefs.cpu(),
-                "memory": {n: {k: v.cpu() for k, v in m.items()} for n, m in self.memory.items()}}
+                "var_coefs": self.var_coefs.cpu(), "memory": moved_to(self.memory, "cpu")}
 
     def load_state_dict(self, state):
         if state["kind"] != self.kind:
@@ -422,11 +439,13 @@ class GateController:
             self.mean_coefs = state["mean_coefs"].to(device)
             self.var_coefs = state["var_coefs"].to(device)
         memory = state.get("memory") or {n: {"ema": e} for n, e in state["ema"].items()}  # older
-        self.memory = {n: {k: v.to(device) for k, v in m.items()} for n, m in memory.items()}
+        self.memory = moved_to(memory, device)
 
 
-def controller_from_settings(settings, n_layer, device="cpu"):
-    """The GateController that train.py's settings describe: `controller` is its kind and each
-    ctrl_X its argument X, so every script that trains builds the same one."""
-    args = {k[len("ctrl_"):]: v for k, v in settings.items() if k.startswith("ctrl_")}
-    return GateController(settings["controller"], n_layer, device=device, **args)
+def moved_to(memory, device):
+    """A rule's memory (tensors, numbers, dicts and lists of them) with its tensors on device."""
+    if isinstance(memory, dict):
+        return {k: moved_to(v, device) for k, v in memory.items()}
+    if isinstance(memory, (list, tuple)):
+        return type(memory)(moved_to(v, device) for v in memory)
+    return memory.to(device) if torch.is_tensor(memory) else memory

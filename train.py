@@ -27,10 +27,9 @@ import torch
 from checkpoints import (RunFiles, check_model_args, check_same_model, load_checkpoint,
                          load_released, resume_settings, rng_state, set_rng_state)
 from configurator import (check_out_dir, check_train_settings, configure, device_and_dtype,
-                          peak_flops, sum_over_processes)
-from data import open_dataset, same_tokens
-from model import (CONTROLLERS, GPT, GPTConfig, controller_from_settings, gate_moments,
-                   pooled_variance)
+                          gate_controller, model_config, peak_flops, sum_over_processes)
+from data import DataError, open_dataset, same_tokens
+from model import GPT, controller_kinds, gate_moments, pooled_variance
 from prepare import prepare
 
 # settings
@@ -68,14 +67,16 @@ hide_closed_keys = True        # False: closed gates' keys stay visible (the aut
 skip = 'auto'                  # gated: run each layer only on the tokens whose gate is above 0
                                # (the same function as the masked path 'false', less compute);
                                # 'auto' = on when not compiled, 'true', 'false'
-# gate controller (the README lists the six rules)
-controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, ..._derivative
-ctrl_coef = None               # the fixed kinds' mean coefficient; None = the kind's default ...
-ctrl_var_coef = None           # ... and variance coefficient (0.01/0, 0.01/-0.01, l2: 0.1/0.1)
+# gate controller (the README lists the rules)
+controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, ..._derivative,
+                               # ..._integral, or a rule you add to model.TARGET_RULES
+ctrl_coef = None               # the mean coefficient: a fixed kind's, or where a target kind
+                               # starts; None = the kind's default (fixed: 0.01, l2: 0.1; else 0)
+ctrl_var_coef = None           # ... the variance coefficient (sparsity_variance -0.01, l2 0.1)
 ctrl_target_start = 1.0        # the mean gate target of the outer layers ...
 ctrl_target_end = 0.5          # ... falling linearly to this in the middle
 ctrl_var_target_delta = 0.0    # added to the variance targets t(1 - t)
-ctrl_lr = 2e-2                 # coefficient step size; the paper's 1e-3 suits ~19,000 steps
+ctrl_lr = 2e-2                 # the rule's step; the paper's 1e-3 suits runs of ~19,000 steps
 ctrl_tol = 0.01                # no update where |mean - target| <= tol
 ctrl_coef_min = float('-inf')
 ctrl_coef_max = float('inf')
@@ -100,12 +101,19 @@ backend = 'auto'               # torch.distributed backend: 'auto' = nccl on CUD
 seed = 1337
 # end of settings
 config, given = configure(globals())
-# what a resumed run takes from this command rather than from its checkpoint: where and how to run
+# A resumed or evaluated run takes the settings that define it (model, data, optimizer, schedule,
+# controller, what its log.jsonl holds) from its checkpoint; these, where and how it runs and
+# whether wandb watches it, from this command
 THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'stop_iter', 'device', 'dtype', 'compile',
-                'deterministic', 'backend')
+                'deterministic', 'backend', 'wandb_log', 'wandb_project', 'wandb_run_name')
+inherited = set()  # the settings this run took from its checkpoint
 
-def need(ok, message):
+def need(ok, message, setting=None):
+    """Exits with one line unless ok; it names the checkpoint when the setting came from there."""
     if not ok:
+        if setting in inherited:
+            message += (f" ({setting}={config[setting]!r} came from {ckpt_path}: pass --{setting}"
+                        f"=... to override it)")
         sys.exit(f"error: {message}")
 
 # -----------------------------------------------------------------------------
@@ -115,17 +123,19 @@ rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'W
     if ddp else (0, 0, 1)
 master = rank == 0  # the process that prints, logs and checkpoints
 say = print if master else (lambda *args, **kwargs: None)
-check_out_dir(out_dir, write=master and not eval_only)  # before any work: it must be writable
+check_out_dir(out_dir)  # a file is no out_dir
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if eval_only and init_from == 'scratch':  # evaluate the run that is there, never a new model
     need(os.path.isfile(ckpt_path), f"--eval_only evaluates a trained model, and {out_dir} holds "
          f"no ckpt.pt; pass the out_dir of a run, or --init_from=<a released model>")
     init_from = config['init_from'] = 'resume'
 if init_from == 'resume':  # the run's saved settings, but for this command's and THIS_COMMAND
-    updates, changed = resume_settings(ckpt_path, config, given, THIS_COMMAND)
+    updates, changed, notes = resume_settings(ckpt_path, config, given, THIS_COMMAND)
     config.update(updates)
     globals().update(updates)
-check_train_settings(config, CONTROLLERS)  # one line for a setting that cannot work
+    inherited = set(updates)
+check_out_dir(out_dir, write=master and not eval_only)  # before any work: it must be writable
+check_train_settings(config, controller_kinds())  # one line for a setting that cannot work
 device, dtype = device_and_dtype(device, dtype, local_rank if ddp else None, deterministic)
 if ddp:
     torch.distributed.init_process_group(backend if backend != 'auto' else
@@ -142,7 +152,8 @@ B, T = batch_size, block_size
 tokens_per_step = tokens_per_step or B * T * world
 grad_accum = tokens_per_step // (B * T * world)
 need(grad_accum * B * T * world == tokens_per_step, f"tokens_per_step={tokens_per_step} is not a "
-     f"multiple of batch_size*block_size*world_size = {B}*{T}*{world} = {B * T * world}")
+     f"multiple of batch_size*block_size*world_size = {B}*{T}*{world} = {B * T * world}",
+     'tokens_per_step')
 data_dir = data_dir or os.path.join('data', dataset)
 bundled = dataset == 'shakespeare_char' and not config['data_dir']  # needs no network
 if bundled and not os.path.isfile(os.path.join(data_dir, 'meta.json')) and local_rank == 0:
@@ -151,12 +162,15 @@ if bundled and not os.path.isfile(os.path.join(data_dir, 'meta.json')) and local
     prepare('shakespeare_char')
 if ddp:
     torch.distributed.barrier()  # every process waits for its node's preparation
-meta, train_stream, val_tokens = open_dataset(data_dir, B, T, rank, world, eval_tokens)
+try:
+    meta, train_stream, val_tokens = open_dataset(data_dir, B, T, rank, world, eval_tokens)
+except DataError as e:
+    need(False, str(e), 'data_dir' if config['data_dir'] else 'dataset')
 if len(val_tokens) <= eval_tokens:
     say(f"note: eval_tokens={eval_tokens}, but the val split has {len(val_tokens)}: using them all")
-model_vocab = vocab_size or -(-meta['vocab_size'] // 64) * 64  # padded to 64: faster matmuls
-need(model_vocab >= meta['vocab_size'], f"vocab_size={model_vocab} is smaller than the "
-     f"{meta['vocab_size']} tokens of {data_dir}/meta.json; use --vocab_size=0 to follow the data")
+need(vocab_size == 0 or vocab_size >= meta['vocab_size'], f"vocab_size={vocab_size} is smaller "
+     f"than the {meta['vocab_size']} tokens of {data_dir}/meta.json; use --vocab_size=0 to follow "
+     f"the data")
 if max_iters == 0:  # one pass over the train data, as the paper's runs
     max_iters = sum(len(s) for s in train_stream.shards) // tokens_per_step
     need(max_iters > 0, f"max_iters=0 means one pass over the train data, but {data_dir} holds "
@@ -165,29 +179,30 @@ need(stop_iter <= max_iters, f"stop_iter={stop_iter} is beyond max_iters={max_it
 
 # -----------------------------------------------------------------------------
 # model, optimizer and gate controller: new, resumed from out_dir/ckpt.pt, or a released model
-model_args = dict(vocab_size=model_vocab, data_vocab_size=meta['vocab_size'], block_size=T,
-                  n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-                  rope_theta=rope_theta, norm_eps=norm_eps, gated=gated, gate_init=gate_init,
-                  gate_eps=gate_eps, hide_closed_keys=hide_closed_keys)
 ckpt = None
 if init_from == 'resume':
     model, ckpt = load_checkpoint(ckpt_path, 'cpu')
     same_tokens(ckpt['meta'], meta, data_dir)  # data prepared again since: ids would change meaning
     if ckpt['config']['init_from'] in ('scratch', 'resume'):  # else the release set the model
-        check_model_args(ckpt_path, ckpt['model_args'], model_args)
-    if changed and not eval_only:
-        say("note: resuming with settings that differ from the checkpoint's, so the run will not "
-            "retrace an uninterrupted one: " + ", ".join(changed))
+        check_model_args(ckpt_path, ckpt['model_args'],
+                         vars(model_config(config, meta['vocab_size'])))
+    if changed:
+        notes.append("resuming with settings that differ from the checkpoint's, so the run will "
+                     "not retrace an uninterrupted one: " + ", ".join(changed))
+    if not eval_only:  # an evaluation trains nothing and logs to nothing
+        for note in notes:
+            say(f"note: {note}")
 elif init_from != 'scratch':  # one of the authors' released models, which read GPT-2 tokens
     need(meta['tokenizer'] == 'gpt2', f"--init_from={init_from} reads GPT-2 tokens, but {data_dir} "
          f"holds {meta['tokenizer']} tokens; prepare GPT-2 data (`python prepare.py shakespeare`)")
     model = load_released(init_from)
     say(f"note: --init_from={init_from} sets the model (its own sizes and semantics, "
-        f"hide_closed_keys={model.config.hide_closed_keys}); this run's model settings are unused")
+        f"hide_closed_keys={model.config.hide_closed_keys}); this run's model settings are unused"
+        + (f"; --eval_only evaluates it and neither reads nor writes {out_dir}" if eval_only else ""))
 else:
-    model = GPT(GPTConfig(**model_args))
+    model = GPT(model_config(config, meta['vocab_size']))
 model_args = dict(vars(model.config))  # what was built, for every checkpoint this run writes
-if master and init_from != 'resume' and os.path.exists(ckpt_path):
+if master and init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
     check_same_model(ckpt_path, model_args)  # a new run never pushes aside another model's run
 n_layer, gated, hide_closed_keys = (model_args[k] for k in ('n_layer', 'gated', 'hide_closed_keys'))
 need(T <= model.config.block_size and meta['vocab_size'] <= model.config.vocab_size,
@@ -201,7 +216,7 @@ model.to(device)
 optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type,
                                       adam_eps)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no scaling
-ctrl = controller_from_settings(config, n_layer, device) if gated else None
+ctrl = gate_controller(config, n_layer, device) if gated else None
 step, best_val_loss, train_flops, train_time = 0, math.inf, 0.0, 0.0
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -213,7 +228,10 @@ if ckpt is not None:
     step, best_val_loss, train_flops, train_time = (ckpt[k] for k in (
         'step', 'best_val_loss', 'train_flops', 'train_time'))
     set_rng_state(ckpt['rng'])
-    say(f"resuming from {ckpt_path} at step {step}")
+    say(f"{'evaluating' if eval_only else 'resuming from'} {ckpt_path} at step {step}")
+    if step >= max_iters and not eval_only:
+        say(f"note: the run is complete (step {step} of max_iters={max_iters}): nothing to train; "
+            f"pass a larger --max_iters to train on")
     ckpt = None  # free the memory
 train_model = torch.compile(model) if use_compile else model
 if ddp:
@@ -314,8 +332,8 @@ while True:
             f"{flops:.3g} (dense {model.flops_per_token(0.0):.3g}) | train FLOPs {train_flops:.3g} "
             f"in {train_time:.0f}s | eval {eval_time:.1f}s")
         for name, values in {'layer': range(n_layer), **layers}.items():  # a column per layer
-            say(f"  {name:<10}" + ''.join(f"{v:>7d}" if name == 'layer' else f"{v:>7.3f}"
-                                          if v < 1e3 else f"{v:>7.0f}" for v in values))
+            say(f"  {name:<10}" + ''.join(f" {v:6d}" if name == 'layer' else f" {v:6.3f}"
+                                          if v < 100 else f" {v:6.1f}" for v in values))
         run.log({'type': 'eval', 'step': step, 'val_loss': val_loss, 'sparsity': sparsity,
                  'flops_per_token': flops, 'train_flops': train_flops, 'train_time': train_time,
                  'eval_time': eval_time, 'eval_tokens': (len(val_tokens) - 1) // T * T,

@@ -84,6 +84,8 @@ def batches_of_many_packed_lengths(n, B=2, T=128):
 def fail_on_recompile_limit():
     """Turn torch.compile's silent fall-back to eager, at the recompile limit, into an error."""
     import torch._dynamo
+    if not hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'):
+        pytest.skip('this torch has no torch._dynamo.config.fail_on_recompile_limit_hit (2.13 has)')
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     old = torch._dynamo.config.fail_on_recompile_limit_hit

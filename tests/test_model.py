@@ -293,8 +293,8 @@ def test_target_controllers_move_coefficients_the_right_way():
 def test_proportional_derivative_follows_the_reference_rule():
     """Four updates worked out by hand: d = mean - target; ema = d on the first update, then
     0.9 ema + 0.1 d; c += 0.01 d only where |d| > 0.01 and d * (d - ema) > 0."""
-    c = GateController("proportional_derivative", 4)  # targets 1, 0.5, 0.5, 1; lr 1e-2
-    assert c.lr == 1e-2 and GateController("proportional", 4).lr == 1e-3
+    c = GateController("proportional_derivative", 4, lr=1e-2)  # targets 1, 0.5, 0.5, 1
+    assert GateController("proportional_derivative", 4).lr == 1e-3  # the default, for every rule
     means = [[0.90, 0.70, 0.505, 1.0],    # d = -.10 .20 .005 0: seeds the EMA, trend 0, no move
              [0.85, 0.75, 0.60, 0.995],   # d = -.15 .25 .10 -.005: errors grow; layer 3 under tol
              [0.95, 0.65, 0.58, 1.0],     # d = -.05 .15 .08 0: layers 0, 1 shrink, layer 2 grows
@@ -371,6 +371,62 @@ def test_target_controllers_start_at_coef_when_given():
     c.update(c.mean_targets + 0.1, c.var_targets)
     assert c.mean_coefs.tolist() == pytest.approx([0.0201] * 4)
 
+
+
+@pytest.mark.parametrize("kind", list(M.TARGET_RULES))  # a new rule is tested the moment it exists
+def test_every_target_rule_waits_within_tol_and_resumes_exactly(kind, tmp_path):
+    """Any rule: an error within tol moves no coefficient, its memory starts empty and is its
+    own, and a controller saved with torch.save and loaded back (as train.py's checkpoints are)
+    takes the very steps of one that never stopped."""
+    c = GateController(kind, 4, lr=0.1)
+    assert c.memory == {"mean": {}, "var": {}}
+    errors = [[0.3, -0.2, 0.005, 0.0], [0.2, -0.4, -0.008, 0.1], [0.25, -0.1, 0.009, 0.3]]
+    for e in errors[:2]:
+        c.update(c.mean_targets + torch.tensor(e), c.var_targets - torch.tensor(e))
+    torch.save(c.state_dict(), tmp_path / "c.pt")
+    d = GateController(kind, 4, lr=0.1)
+    d.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    for ctrl in (c, d):
+        ctrl.update(ctrl.mean_targets + torch.tensor(errors[2]), ctrl.var_targets)
+    assert torch.equal(c.mean_coefs, d.mean_coefs) and torch.equal(c.var_coefs, d.var_coefs)
+    assert c.mean_coefs[2] == 0 and c.mean_coefs.abs().sum() > 0  # layer 2: always within tol
+
+
+def test_a_rules_memory_may_hold_numbers_and_lists(monkeypatch, tmp_path):
+    """A rule added to TARGET_RULES after import can be built by name, and its memory of plain
+    numbers and lists survives a checkpoint exactly."""
+    def counting(d, memory):
+        memory["n"] = memory.get("n", 0) + 1
+        memory["history"] = memory.get("history", []) + [float(d[0])]
+        return d * memory["n"] + sum(memory["history"])
+    monkeypatch.setitem(M.TARGET_RULES, "counting", counting)
+    assert "counting" in M.controller_kinds()
+    c = GateController("counting", 4, lr=0.01, tol=0)
+    means = [c.mean_targets + 0.1 * i for i in range(1, 5)]
+    for m in means[:2]:
+        c.update(m, c.var_targets)
+    torch.save(c.state_dict(), tmp_path / "c.pt")
+    d = GateController("counting", 4, lr=0.01, tol=0)
+    d.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    assert d.memory["mean"]["n"] == 2 and type(d.memory["mean"]["history"]) is list
+    for m in means[2:]:
+        c.update(m, c.var_targets)
+        d.update(m, d.var_targets)
+    assert torch.equal(c.mean_coefs, d.mean_coefs) and c.memory == d.memory
+
+
+def test_proportional_integral_is_kp_times_the_error_plus_its_running_sum():
+    """Written as a step, the rule makes c = lr * (kp * d + the sum of d so far), exactly so with
+    tol = 0 and no clamp."""
+    torch.manual_seed(0)
+    kp, lr = 3.0, 0.01
+    c = GateController("proportional_integral", 4, lr=lr, tol=0, kp=kp)
+    total = torch.zeros(4)
+    for _ in range(5):
+        d = torch.randn(4) * 0.2
+        total += d
+        c.update(c.mean_targets + d, c.var_targets)
+        assert torch.allclose(c.mean_coefs, lr * (kp * d + total), atol=1e-6)
 
 # ------------------------------------------------------------------ 7-8. learning
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from configurator import configure, settings_block
+from model import FIXED, controller_kinds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TINY = ['--n_layer=2', '--n_head=2', '--n_kv_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
@@ -270,8 +271,9 @@ def test_a_new_run_never_pushes_aside_a_run_of_another_model(tmp_path):
     run(TINY + ['--max_iters=3', '--eval_interval=3'], out)
     before = {f: open(os.path.join(out, f), 'rb').read() for f in files(out)}
     p = run(TINY + ['--max_iters=3', '--eval_interval=3', '--gated=false'], out, ok=False)
-    one_line_error(p, f'{out} holds a run of another model', 'gated=True there, gated=False here',
-                   '--out_dir', 'delete')
+    line = one_line_error(p, f'{out} holds a run of another model', 'gated=True there, gated=False here',
+                          '--out_dir', f'move {out} elsewhere')
+    assert 'delete' not in line and 'remove' not in line
     assert 'step 1 |' not in p.stdout
     assert {f: open(os.path.join(out, f), 'rb').read() for f in files(out)} == before
     p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--max_new_tokens=5'],
@@ -456,7 +458,7 @@ def test_full_disk_at_a_checkpoint_loses_nothing(tmp_path):
 @pytest.mark.slow
 def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(tiny_ckpt, tmp_path):
     log_before = open(os.path.join(tiny_ckpt, 'log.jsonl')).read()
-    p = run(TINY + ['--eval_only', '--max_iters=77'], tiny_ckpt)
+    p = run(TINY + ['--eval_only', '--max_iters=77', '--wandb_log=true'], tiny_ckpt)  # no wandb here
     assert 'eval step 4 |' in p.stdout and 'note: resuming with settings' not in p.stdout
     assert open(os.path.join(tiny_ckpt, 'log.jsonl')).read() == log_before
     empty = tmp_path / 'empty'
@@ -496,6 +498,11 @@ def test_resume_refuses_data_prepared_again_from_other_text(tmp_path):
     prepare('text', out_dir=data, input=str(tmp_path / 'b.txt'))
     one_line_error(run(TINY + ['--max_iters=8', '--init_from=resume', f'--data_dir={data}'], out, ok=False),
                    data, 'chars differ')
+    # data that is gone: the line says the setting came from the checkpoint, and how to override it
+    import shutil
+    shutil.rmtree(data)
+    one_line_error(run(['--init_from=resume'], out, ok=False), data, 'no such data directory',
+                   'came from', 'ckpt.pt', '--data_dir=')
 
 
 @pytest.mark.slow
@@ -579,17 +586,14 @@ def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
 # ----------------------------------------------------------------------------- the seams: settings
 # through the scripts that read them
 
-FIXED = {'sparsity': (0.01, 0.0), 'sparsity_variance': (0.01, -0.01), 'sparsity_variance_l2': (0.1, 0.1)}
-
-
-@pytest.mark.parametrize('kind', ['sparsity', 'sparsity_variance', 'sparsity_variance_l2', 'adaptive',
-                                  'proportional', 'proportional_derivative'])
+@pytest.mark.parametrize('kind', controller_kinds())  # a new rule is tested the moment it exists
 @pytest.mark.slow
 def test_each_controller_regularizes_through_train_py(tmp_path, kind):
-    """Each of the six kinds, run by train.py: the logged regularizer of every step is what the
-    README's table says, from that step's gates (logged per layer) and the coefficients in force.
-    Fixed kinds: their documented c and k, all along. Target kinds: c and k start at 0 and move.
-    The loss uses each micro-batch's unbiased variance; the log pools the step's (biased) one."""
+    """Each kind, run by train.py: the logged regularizer of every step is what the README's
+    table says, from that step's gates (logged per layer) and the coefficients in force. Fixed
+    kinds: their c and k (FIXED, whose values tests/test_model.py holds to the README), all
+    along. Target kinds: c and k start at 0 and move. The loss uses each micro-batch's unbiased
+    variance; the log pools the step's (biased) one."""
     out = str(tmp_path / kind)
     run(TINY + ['--n_layer=4', '--max_iters=6', '--eval_interval=6', f'--controller={kind}'], out)
     steps = records(out, 'train')
@@ -833,3 +837,137 @@ def test_a_dense_start_and_visible_keys(tmp_path):
     assert not ckpt['model']['gate_heads.0.weight'].any() and not ckpt['model']['gate_heads.0.bias'].any()
     one_line_error(run(TINY + ['--skip=true', '--hide_closed_keys=false'], str(tmp_path / 'x'), ok=False),
                    '--skip=true needs closed keys hidden')
+
+
+def test_ctrl_settings_reach_the_controller_or_else_its_rule():
+    """Each ctrl_X setting is GateController's argument X, or else the rule's keyword argument X;
+    a rule without X does not get it (so a setting added for one rule breaks no other kind)."""
+    from configurator import gate_controller
+    s = train_settings('--controller=proportional_integral', '--ctrl_lr=0.5', '--ctrl_tol=0')
+    s['ctrl_kp'] = 2.5  # as a student adds `ctrl_kp = 2.5` to train.py's settings
+    c = gate_controller(s, 4)
+    assert (c.kind, c.lr, c.tol, c.rule_args) == ('proportional_integral', 0.5, 0, {'kp': 2.5})
+    for kind in controller_kinds():
+        assert gate_controller(dict(s, controller=kind), 4).rule_args == (
+            {'kp': 2.5} if kind == 'proportional_integral' else {})
+
+
+RULE_OF_ONES_OWN = '''
+
+def counting(d, memory):  # a student's rule: memory holds a number and a list
+    memory["n"] = memory.get("n", 0) + 1
+    memory["seen"] = memory.get("seen", []) + [round(float(d.abs().max()), 6)]
+    return d * memory["n"] / len(memory["seen"]) + 0.1 * memory["seen"][-1]
+
+
+TARGET_RULES["counting"] = counting
+'''
+
+
+@pytest.mark.slow
+def test_a_rule_appended_to_model_py_trains_and_resumes_exactly(tmp_path):
+    """A rule added as the README says, at the end of model.py in a copy of the scripts, trains
+    with --controller=NAME; its memory of numbers and lists goes through a checkpoint, and the
+    resumed run takes the coefficients of the run that never stopped."""
+    import shutil
+    code = tmp_path / 'code'
+    code.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith('.py'):
+            shutil.copy(os.path.join(ROOT, name), code / name)
+    with open(code / 'model.py', 'a') as f:
+        f.write(RULE_OF_ONES_OWN)
+    args = [sys.executable, 'train.py', *TINY, '--max_iters=6', '--eval_interval=3', '--controller=counting',
+            f'--data_dir={DATA}']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    for extra in ([f'--out_dir={a}'], [f'--out_dir={b}', '--stop_iter=3'], [f'--out_dir={b}', '--init_from=resume']):
+        p = subprocess.run(args + extra, cwd=code, env=ENV, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    ra, rb = records(a, 'train'), records(b, 'train')
+    assert [r['step'] for r in rb] == list(range(1, 7))
+    assert [r['mean_coefs'] for r in ra] == [r['mean_coefs'] for r in rb]
+    assert len({str(r['mean_coefs']) for r in ra}) == 6  # it moved every step
+    memory = load(b)['controller']['memory']['mean']
+    assert memory['n'] == 6 and len(memory['seen']) == 6 and type(memory['seen'][0]) is float
+
+
+RECORD_MODELS = """
+import json, os, runpy, sys
+sys.path.insert(0, os.environ['ROOT'])
+import configurator, model
+extra = os.environ.get('TRAIN_SETTINGS', '')  # lines appended to train.py's settings block
+block = configurator.settings_block
+configurator.settings_block = lambda path: block(path) + (extra if path.endswith('train.py') else '')
+built, init = [], model.GPT.__init__
+def recording(self, config):
+    built.append(dict(vars(config)))
+    init(self, config)
+model.GPT.__init__ = recording
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(os.path.join(os.environ['ROOT'], sys.argv[0]), run_name='__main__')
+finally:
+    print('built: ' + json.dumps(built))
+"""
+
+# a value other than train.py's default for every GPTConfig field that is a train.py setting
+FIELD_VALUES = dict(vocab_size=192, block_size=16, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                    rope_theta=500.0, norm_eps=1e-6, gated=False, gate_init='zero', gate_eps=1e-4,
+                    hide_closed_keys=False)
+
+
+@pytest.mark.slow
+def test_every_model_field_reaches_every_script_that_builds_a_model(tmp_path):
+    """train.py (a new run and a resume), sample.py and bench.py run build the model that the
+    settings describe, field by field: a model setting a script dropped would show here. The
+    list of fields comes from GPTConfig, so a new field fails here until it has a value."""
+    from model import GPTConfig
+    fields = [f for f in GPTConfig.__dataclass_fields__ if f in train_settings()]
+    assert sorted(fields) == sorted(FIELD_VALUES), 'give every model field a value in FIELD_VALUES'
+    (tmp_path / 'record.py').write_text(RECORD_MODELS)
+
+    def built(*argv, settings=''):
+        env = dict(ENV, ROOT=ROOT, TRAIN_SETTINGS=settings)
+        p = subprocess.run([sys.executable, str(tmp_path / 'record.py'), *argv], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.rsplit('built: ', 1)[1])
+
+    def assert_fields(config, values):
+        assert {k: config[k] for k in values} == values
+    out = str(tmp_path / 'out')
+    train = ['train.py', *(f'--{k}={v}' for k, v in FIELD_VALUES.items()), '--max_iters=2', '--stop_iter=1',
+             '--eval_interval=1', '--batch_size=2', '--eval_tokens=64', f'--data_dir={DATA}', f'--out_dir={out}']
+    for config in built(*train):
+        assert_fields(config, FIELD_VALUES)
+    assert_fields(load(out)['model_args'], FIELD_VALUES)
+    for config in built('train.py', '--init_from=resume', f'--out_dir={out}'):
+        assert_fields(config, FIELD_VALUES)
+    for config in built('sample.py', f'--out_dir={out}', '--max_new_tokens=2'):
+        assert_fields(config, FIELD_VALUES)
+    # bench.py run reads train.py's settings block: the values go there; it sets gated per run
+    gated_runs = dict(FIELD_VALUES, gated=True, hide_closed_keys=True)  # one of its runs skips
+    settings = ''.join(f'\n{k} = {v!r}' for k, v in gated_runs.items())
+    configs = built('bench.py', 'run', '--run_steps=1', settings=settings)
+    assert [c['gated'] for c in configs] == [False, True, True]
+    for config in configs:
+        assert_fields(config, {k: v for k, v in gated_runs.items() if k != 'gated'})
+
+
+@pytest.mark.slow
+def test_the_evaluation_table_keeps_its_columns_apart(tiny_ckpt, tmp_path):
+    """Residual-stream norms of hundreds and thousands (post-norm weights scaled up in a copy of a
+    checkpoint) still print as one column per layer, each value apart from the next."""
+    import shutil
+    out = tmp_path / 'big'
+    shutil.copytree(tiny_ckpt, out)
+    ckpt = load(out)
+    for k in ckpt['model']:
+        if k.endswith(('attn_post.weight', 'ffn_post.weight')):
+            ckpt['model'][k] *= 50.0 if k.startswith('blocks.0.') else 500.0
+    torch.save(ckpt, out / 'ckpt.pt')
+    p = run(['--eval_only'], str(out))
+    rows = {line.split()[0]: line.split()[1:] for line in p.stdout.splitlines() if line.startswith('  ')}
+    assert rows['layer'] == ['0', '1'] and all(len(v) == 2 for v in rows.values()), rows
+    norms = [float(v) for v in rows['resid_norm']]
+    assert 100 <= norms[0] < 1000 <= norms[1], norms
