@@ -501,8 +501,9 @@ def test_resume_refuses_data_prepared_again_from_other_text(tmp_path):
     # data that is gone: the line says the setting came from the checkpoint, and how to override it
     import shutil
     shutil.rmtree(data)
-    one_line_error(run(['--init_from=resume'], out, ok=False), data, 'no such data directory',
-                   'came from', 'ckpt.pt', '--data_dir=')
+    p = subprocess.run([sys.executable, 'train.py', '--init_from=resume', f'--out_dir={out}'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line_error(p, data, 'no such data directory', 'came from', 'ckpt.pt', '--data_dir=')
 
 
 @pytest.mark.slow
