@@ -97,9 +97,9 @@ def check_model_args(path, saved_args, model_args):
 def resume_settings(path, config, given, this_command):
     """A resumed run's settings: those saved in its checkpoint at path, but for those this
     command gives (given) and those of where and how it runs and is watched (this_command).
-    Returns them (a dict of the settings in config to change); the given ones that differ from
-    the saved ones in a way that keeps the run from retracing its first part (a list, for a
-    note); and notes on what the run did that this command does not (a list)."""
+    Returns them (a dict of the settings in config to change), and notes for the user: on the
+    given settings that keep the run from retracing its first part, and on what the run did
+    that this command does not."""
     saved = dict(read_checkpoint(path, mmap=True)["config"])
     if "attn_backend" in saved:  # older checkpoints, in which a coefficient of 0 meant the default
         saved.update({k: None for k in ("ctrl_coef", "ctrl_var_coef") if saved.get(k) == 0})
@@ -109,10 +109,13 @@ def resume_settings(path, config, given, this_command):
     changed = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(given & saved.keys())
                if saved[k] != config[k] and k not in harmless]
     notes = []
+    if changed:
+        notes.append("resuming with settings that differ from the checkpoint's, so the run will "
+                     "not retrace an uninterrupted one: " + ", ".join(changed))
     if saved.get("wandb_log") and not config["wandb_log"]:
         notes.append(f"the run logged to wandb (project {saved['wandb_project']!r}); this command "
                      f"does not: pass --wandb_log=true to go on")
-    return updates, changed, notes
+    return updates, notes
 
 
 def check_same_model(path, model_args):

@@ -150,6 +150,8 @@ def check_train_settings(c, controllers):
         sys.exit(f"error: warmup_frac must be in [0, 1), got {c['warmup_frac']}")
     if not (0 <= c['warmup_start'] <= 1 and 0 <= c['min_lr_frac'] <= 1):
         sys.exit("error: warmup_start, min_lr_frac: in [0, 1]")
+    if c['skip'] == 'true' and c['plain']:
+        sys.exit("error: --skip=true and --plain=true: packing rows is not the plain definition")
     if c['wandb_log'] and not c['eval_only'] and importlib.util.find_spec('wandb') is None:
         sys.exit("error: --wandb_log=true needs wandb, which is optional: pip install wandb")
 

@@ -15,6 +15,7 @@ same function with less compute (a fused attention kernel, packed rows that leav
 tokens out, a KV cache that skips), and tests/test_skipping.py holds the two equal.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -116,7 +117,8 @@ def attention(q, k, v, key_bias=None):
 
 
 class Attention(nn.Module):
-    fast = True  # skipping.causal_attention: attention() on SDPA's fused kernel (tested equal)
+    fast = True  # skipping.causal_attention: attention() on SDPA's fused kernel (tested equal);
+                 # GPT.use_plain(True) turns it off, and attention() itself runs
 
     def __init__(self, cfg):
         super().__init__()
@@ -191,6 +193,9 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg)
 
     def forward(self, x, cos, sin, g=1.0, key_bias=None, cache=None):
+        """x (B, T, d) -> x (B, T, d): first x + g * Norm(Attention(Norm(x))), the attention given
+        the key bias and the cache, then x + g * Norm(FFN(Norm(x))). Each sublayer has its own
+        two norms: attn_pre, attn_post; ffn_pre, ffn_post."""
         x = x + g * self.attn_post(self.attn(self.attn_pre(x), cos, sin, key_bias, cache))
         x = x + g * self.ffn_post(self.ffn(self.ffn_pre(x)))
         return x
@@ -220,11 +225,21 @@ class GPT(nn.Module):
         if cfg.gated and cfg.gate_init == "zero":
             for head in self.gate_heads:
                 nn.init.zeros_(head.weight)
+        self.plain = False  # use_plain
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves out the token embedding (as nanoGPT does)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    def use_plain(self, plain=True):
+        """plain: compute with this file's definitions only (attention() itself, every token
+        through every layer, no KV cache), the code a student reads and changes; slower. Off
+        (the default): skipping.py computes the same function with less work."""
+        self.plain = plain
+        for block in self.blocks:
+            block.attn.fast = not plain
+        return self
 
     def forward(self, idx, targets=None, skip=False, cache=None, norms=None):
         """idx (B, T) token ids -> logits (B, T, V), the mean cross-entropy against targets (B, T)
@@ -233,7 +248,7 @@ class GPT(nn.Module):
         work (skipping.py): skip=True runs each layer only on the tokens whose gate is above 0,
         and a KVCache decodes (logits of the last position only). norms, a list, gets each
         layer's mean residual-stream norm."""
-        cfg, L, T = self.config, self.config.n_layer, idx.size(1)
+        cfg, T = self.config, idx.size(1)
         start = cache.length if cache is not None else 0
         if start + T > cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size={cfg.block_size}")
@@ -242,25 +257,9 @@ class GPT(nn.Module):
                               "every token's key is needed in every layer; use skip=False")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.norm_in(self.tok_emb(idx))  # (B, T, d)
-        gates, m = [], 0.0
-        for i, block in enumerate(self.blocks):
-            g, key_bias = 1.0, None  # a dense model: every token runs every layer
-            if cfg.gated:
-                if i < L // 2:
-                    g, m = next_gate(self.gate_heads[i], x, m)  # (B, T, 1)
-                else:
-                    g = gates[L - 1 - i]  # the mirror: layer L-1-i reuses layer i's gate
-                gates.append(g)
-                if cfg.hide_closed_keys:
-                    key_bias = gate_bias(g.squeeze(-1), cfg.gate_eps)  # (B, T)
-            if cache is not None:  # the same layer, (token, layer) pairs with g = 0 left out
-                x = skipping.cached_layer(block, x, cos, sin, g, key_bias, cache, i, skip)
-            elif skip and cfg.gated:
-                x = skipping.active_tokens_layer(block, x, cos, sin, g, key_bias)
-            else:
-                x = block(x, cos, sin, g, key_bias)
-            if norms is not None:
-                norms.append(x.detach().float().norm(dim=-1).mean())
+        layer = functools.partial(self.layer, cos=cos, sin=sin, skip=skip and not self.plain,
+                                  cache=cache, norms=norms)
+        x, gates = self.gate_loop(x, layer)
         if cache is not None:
             cache.length, x = start + T, x[:, -1:]
         logits = self.lm_head(self.norm_out(x))
@@ -270,19 +269,63 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss, (torch.stack(gates).squeeze(-1) if cfg.gated else None)
 
+    def gate_loop(self, x, layer):
+        """The method's loop over the L layers: the stream x (B, T, d) in, and out with the gates
+        (a list of L tensors (B, T, 1); empty for a dense model). Before layer i < L/2, next_gate
+        makes its gate from the stream entering it, carrying the running sum m from layer to
+        layer; layer L-1-i reuses the gate of layer i (the mirror). layer(i, block, x, g) runs
+        block as layer i with gate g (1.0 in a dense model) and returns the stream after it."""
+        cfg, L = self.config, self.config.n_layer
+        gates, m = [], 0.0
+        for i, block in enumerate(self.blocks):
+            g = 1.0  # a dense model: every token runs every layer
+            if cfg.gated:
+                if i < L // 2:
+                    g, m = next_gate(self.gate_heads[i], x, m)  # (B, T, 1)
+                else:
+                    g = gates[L - 1 - i]  # the mirror: layer L-1-i reuses layer i's gate
+                gates.append(g)
+            x = layer(i, block, x, g)
+        return x, gates
+
+    def layer(self, i, block, x, g, cos, sin, skip=False, cache=None, norms=None):
+        """Layer i, block, with gate g: the sandwich block, closed keys hidden by their key bias.
+        With skip or a cache, skipping.py runs it leaving skipped (token, layer) pairs out. (The
+        block comes in beside i: looked up by i, it would compile a graph per layer.)"""
+        cfg, key_bias = self.config, None
+        if cfg.gated and cfg.hide_closed_keys:
+            key_bias = gate_bias(g.squeeze(-1), cfg.gate_eps)  # (B, T)
+        if cache is not None:
+            x = skipping.cached_layer(block, x, cos, sin, g, key_bias, cache, i, skip)
+        elif skip and cfg.gated:
+            x = skipping.active_tokens_layer(block, x, cos, sin, g, key_bias)
+        else:
+            x = block(x, cos, sin, g, key_bias)
+        if norms is not None:
+            norms.append(x.detach().float().norm(dim=-1).mean())
+        return x
+
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, return_gates=False, skip=True):
-        """max_new_tokens sampled after the prompt idx (B, T), with a KV cache that skips: see
-        skipping.generate."""
+        """max_new_tokens sampled after the prompt idx (B, T) with a KV cache that skips, or with
+        use_plain a full forward pass per new token: see skipping.generate."""
         return skipping.generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                                 return_gates, skip)
+                                 return_gates, skip, cached=not self.plain)
 
     def flops_per_token(self, sparsity=0.0, seq_len=None):
-        """Estimated forward FLOPs per token: every matmul as 2 flops per multiply-add (the
-        attention scores and weighted sum over the full seq_len, as usually counted), plus
-        norms and elementwise work. A skipped (token, layer) pair costs nothing, so the blocks
-        count (1 - sparsity) times; with hide_closed_keys=False it still costs its key and value
-        (norm, projections, rotary). Training costs about 3x this (forward + backward)."""
+        """Estimated forward FLOPs per token, with T = seq_len (or block_size) positions of
+        context, d the width, h = 4d the SwiGLU's hidden width and kv_dim the width of K and V.
+        A matmul costs 2 flops per multiply-add, and attention reads all T keys (as usually
+        counted). An RMSNorm costs 4d (square, mean, rsqrt-scale, weight). A block costs its
+        q, k and v projections; rotary on q and k, 3 flops per channel; the scores and the
+        weighted sum of v; the softmax, 5 per head and key (bias, max, exp, sum, divide); the
+        output projection; the three SwiGLU matmuls, and 5 per hidden unit for silu and the
+        product; four norms; and 4d for the two gate products and residual adds. A gate head
+        costs 2d + 4 (its dot product, bias, relu, sum, clamp). The input and output norms and
+        the head's 2dV are paid by every token. A skipped (token, layer) pair costs nothing, so
+        the blocks count (1 - sparsity) times, but with hide_closed_keys=False a skipped pair
+        still pays its key and value: a norm, the k and v projections, and rotary on k.
+        Training costs about 3x this (forward and backward)."""
         c = self.config
         T, d, V, h = seq_len or c.block_size, c.n_embd, c.vocab_size, 4 * c.n_embd
         kv_dim = c.n_kv_head * (d // c.n_head)
@@ -324,6 +367,16 @@ def pooled_variance(mean, square):
     return (square - mean * mean).clamp_min(0)
 
 
+def gate_targets(n_layer, start, end, var_delta=0.0):
+    """The controllers' targets per layer (L,): for the gate means t, running linearly from start
+    at the outer layers to end in the middle over the first half, mirrored over the second; for
+    the gate variances t(1 - t) + var_delta, never below 0 (t(1 - t) is the variance of gates
+    that are all 0 or 1 with mean t)."""
+    half = torch.linspace(start, end, n_layer // 2)
+    t = torch.cat([half, half.flip(0)])
+    return t, (t * (1 - t) + var_delta).clamp_min(0)
+
+
 # A target rule moves each layer's coefficient after every step, from the error d (L,) of that
 # layer's gate mean (or variance) from its target: c += lr * rule(d, memory) where |d| > tol.
 # A step is the general form: a rule that sets c = f(errors so far) steps by f's change (see
@@ -340,6 +393,9 @@ def proportional(d, memory):
 
 
 def proportional_derivative(d, memory):
+    """The derivative rule: memory["ema"] holds ema10(d), the moving average of d over about 10
+    steps (d itself at the first step, then 0.9 ema + 0.1 d each step); the step is d where
+    d * (d - ema) > 0 and 0 elsewhere, so it pushes only while an error still grows."""
     ema = memory["ema"] = 0.9 * memory["ema"] + 0.1 * d if "ema" in memory else d  # ema10(d)
     return d * (d * (d - ema) > 0)  # only while the error still grows away from 0
 
@@ -366,16 +422,13 @@ def controller_kinds():
 
 
 class GateController:
-    """The gate regularizer, from each layer's gate mean mu_l and variance v_l,
-        loss = mean_l(c_l * mu_l) + mean_l(k_l * v_l)
-    and the rule that sets its coefficients c and k (README, "Controllers"). The fixed kinds
-    keep c = coef and k = var_coef (None: their defaults, FIXED); sparsity_variance_l2 puts them
-    on the Euclidean distances of mu and v from their targets instead. The target kinds start
-    there (None: 0) and move c by the mean errors mu - t, k by the variance errors v - (t(1 - t)
-    + delta): t runs linearly from target_start (the outer layers) to target_end (the middle),
-    mirrored. lr is the rule's step (the paper's 1e-3; its proportional_derivative runs used
-    1e-2); coef_min and coef_max clamp the moving coefficients. rule_args go to the rule as
-    keyword arguments. (configurator.gate_controller builds one from train.py's settings.)"""
+    """The gate regularizer, loss = mean_l(c_l * mu_l) + mean_l(k_l * v_l) from each layer's gate
+    mean mu_l and variance v_l, and the rule that sets its coefficients c and k. The fixed kinds
+    keep c = coef and k = var_coef (None: their defaults, FIXED); the target kinds start there
+    (None: 0) and move c by the errors of the means from their targets, k by those of the
+    variances (gate_targets). lr is the rule's step (the paper's 1e-3; 1e-2 in its
+    proportional_derivative runs); coef_min, coef_max clamp; rule_args go to the rule.
+    (configurator.gate_controller builds one from train.py's settings.)"""
 
     def __init__(self, kind, n_layer, *, coef=None, var_coef=None, target_start=1.0,
                  target_end=0.5, var_target_delta=0.0, lr=1e-3, tol=0.01, coef_min=-math.inf,
@@ -388,9 +441,8 @@ class GateController:
                               f"{target_start}, {target_end}, lr={lr}, tol={tol}")
         self.kind, self.lr, self.tol, self.limits = kind, lr, tol, (coef_min, coef_max)
         self.rule_args = rule_args
-        half = torch.linspace(target_start, target_end, n_layer // 2, device=device)
-        self.mean_targets = t = torch.cat([half, half.flip(0)])
-        self.var_targets = (t * (1 - t) + var_target_delta).clamp_min(0)
+        targets = gate_targets(n_layer, target_start, target_end, var_target_delta)
+        self.mean_targets, self.var_targets = (t.to(device) for t in targets)
         c, k = FIXED.get(kind, (0.0, 0.0))  # the target kinds start at 0 by default
         c, k = (c if coef is None else coef), (k if var_coef is None else var_coef)
         self.mean_coefs = torch.full((n_layer,), c, device=device)
@@ -399,7 +451,11 @@ class GateController:
         self.steps = 0
 
     def loss(self, gates):
-        """The regularizer from one micro-batch's gates (L, B, T)."""
+        """The regularizer from one micro-batch's gates (L, B, T), in fp32: each layer's mean
+        mu_l and (unbiased) variance v_l over the batch's tokens, weighted by that layer's
+        coefficients c_l and k_l, mean_l(c_l * mu_l) + mean_l(k_l * v_l). The kind
+        sparsity_variance_l2 puts the Euclidean distances, over the layers, of the means from
+        their targets and of the variances from theirs in place of mu_l and v_l."""
         g = gates.float()
         means, variances = g.mean((1, 2)), g.var((1, 2))
         if self.kind == "sparsity_variance_l2":
@@ -409,20 +465,20 @@ class GateController:
 
     def update(self, means, variances):
         """One step of the rule from per-layer gate means and variances (L,) of a whole optimizer
-        step (pooled over micro-steps and processes, so every process takes the same step)."""
+        step (pooled over micro-steps and processes, so every process takes the same step): with
+        d the errors from the targets, each coefficient moves by lr * rule(d, memory) where
+        |d| > tol, and is clamped. The means move c, the variances k; each has its own memory."""
         if self.kind in FIXED:
             return
-        d_mean = means.to(self.mean_targets) - self.mean_targets
-        d_var = variances.to(self.var_targets) - self.var_targets
-        self.mean_coefs = self.step(self.mean_coefs, d_mean, self.memory["mean"])
-        self.var_coefs = self.step(self.var_coefs, d_var, self.memory["var"])
-        self.steps += 1
-
-    def step(self, coefs, d, memory):
-        """coefs moved by lr * rule(d, memory) where |d| > tol, then clamped."""
         rule = TARGET_RULES[self.kind]
-        moved = coefs + self.lr * rule(d, memory, **self.rule_args) * (d.abs() > self.tol)
-        return moved.clamp(*self.limits)
+        d_mean = means.to(self.mean_targets) - self.mean_targets  # (L,)
+        d_var = variances.to(self.var_targets) - self.var_targets
+        step_mean = self.lr * rule(d_mean, self.memory["mean"], **self.rule_args)
+        step_var = self.lr * rule(d_var, self.memory["var"], **self.rule_args)
+        self.mean_coefs = (self.mean_coefs + step_mean * (d_mean.abs() > self.tol)).clamp(
+            *self.limits)
+        self.var_coefs = (self.var_coefs + step_var * (d_var.abs() > self.tol)).clamp(*self.limits)
+        self.steps += 1
 
     def state_dict(self):
         return {"kind": self.kind, "steps": self.steps, "mean_coefs": self.mean_coefs.cpu(),

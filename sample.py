@@ -36,6 +36,8 @@ seed = 1337
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'           # 'auto': bfloat16 on GPUs that have it (else float16), else float32
 show_skips = False       # colour each new token by the number of layers it ran; skip histogram
+plain = False            # True: model.py's plain definitions only: attention() itself, and a full
+                         # forward pass per new token instead of the KV cache that skips
 no_color = False         # with show_skips: tag tokens as [token|layers run] instead of colouring
 # end of settings
 configure(globals())
@@ -87,7 +89,7 @@ if init_from == 'resume':
 else:  # the released models read GPT-2 tokens
     model = load_released(init_from).to(device)
     meta, source = {'tokenizer': 'gpt2', 'vocab_size': 50257}, init_from
-model.eval()  # float32 weights; bf16/fp16 via autocast, the numerics training used
+model.use_plain(plain).eval()  # float32 weights; bf16/fp16 via autocast, as in training
 autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != 'float32')
 cfg = model.config
 encode, decode = get_tokenizer(meta)

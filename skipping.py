@@ -189,21 +189,24 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             generator=None, return_gates=False, skip=True):
+             generator=None, return_gates=False, skip=True, cached=True):
     """Sample max_new_tokens after the prompt idx (B, T) with a KV cache: the prompt in one pass,
     then a token at a time, each running only the layers outside its skipped span. temperature 0
     is greedy. Padding ids (data_vocab_size and up) are never sampled. With return_gates, also
     the gates (L, B, T_out) of every output position (None for a dense model). When the context
     reaches block_size, the last block_size/2 tokens are read again and decoding goes on.
-    skip=False runs every layer for every token (to measure what skipping saves)."""
+    skip=False runs every layer for every token (to measure what skipping saves). cached=False
+    is the plain way: a full forward pass over the last block_size tokens for each new one."""
     cfg = model.config
     if idx.size(1) > cfg.block_size:
         warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last "
                       f"block_size={cfg.block_size}")
         idx = idx[:, -cfg.block_size:]
     steps = max_new_tokens + (1 if return_gates else 0)  # one more pass: the last token's gates
-    cache = KVCache(model, idx.size(0), min(cfg.block_size, idx.size(1) + steps), idx.device)
-    logits, _, gates = model(idx, skip=skip, cache=cache)
+    cache = None
+    if cached:
+        cache = KVCache(model, idx.size(0), min(cfg.block_size, idx.size(1) + steps), idx.device)
+    logits, _, gates = model(idx, skip=skip and cached, cache=cache)
     all_gates = [gates]
     for step in range(max_new_tokens):
         logits = logits[:, -1]
@@ -213,7 +216,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         idx = torch.cat([idx, next_id], dim=1)
         if step == max_new_tokens - 1 and not return_gates:
             break
-        if cache.length == cache.size:  # context full: slide to the last half, read it again
+        if cache is None:  # the whole context again
+            logits, _, gates = model(idx[:, -cfg.block_size:])
+            gates = None if gates is None else gates[:, :, -1:]
+        elif cache.length == cache.size:  # context full: slide to the last half, read it again
             cache = KVCache(model, idx.size(0), cfg.block_size, idx.device)
             logits, _, gates = model(idx[:, -(cfg.block_size // 2):], skip=skip, cache=cache)
             gates = None if gates is None else gates[:, :, -1:]

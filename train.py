@@ -67,6 +67,8 @@ hide_closed_keys = True        # False: closed gates' keys stay visible (the aut
 skip = 'auto'                  # gated: run each layer only on the tokens whose gate is above 0
                                # (the same function as the masked path 'false', less compute);
                                # 'auto' = on when not compiled, 'true', 'false'
+plain = False                  # True: model.py's plain definitions only (its attention(), every
+                               # token through every layer): the code you read and change runs
 # gate controller (the README lists the rules)
 controller = 'proportional'    # or sparsity, sparsity_variance(_l2), adaptive, ..._derivative,
                                # ..._integral, or a rule you add to model.TARGET_RULES
@@ -101,11 +103,11 @@ backend = 'auto'               # torch.distributed backend: 'auto' = nccl on CUD
 seed = 1337
 # end of settings
 config, given = configure(globals())
-# A resumed or evaluated run takes the settings that define it (model, data, optimizer, schedule,
-# controller, what its log.jsonl holds) from its checkpoint; these, where and how it runs and
-# whether wandb watches it, from this command
+# A resumed or evaluated run takes what defines the run from its checkpoint (model, data, optimizer,
+# schedule, controller, its log's intervals); these, where and how it runs or is watched, from here
 THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'stop_iter', 'device', 'dtype', 'compile',
-                'deterministic', 'backend', 'wandb_log', 'wandb_project', 'wandb_run_name')
+                'deterministic', 'backend', 'plain', 'wandb_log', 'wandb_project',
+                'wandb_run_name')
 inherited = set()  # the settings this run took from its checkpoint
 
 def need(ok, message, setting=None):
@@ -130,7 +132,7 @@ if eval_only and init_from == 'scratch':  # evaluate the run that is there, neve
          f"no ckpt.pt; pass the out_dir of a run, or --init_from=<a released model>")
     init_from = config['init_from'] = 'resume'
 if init_from == 'resume':  # the run's saved settings, but for this command's and THIS_COMMAND
-    updates, changed, notes = resume_settings(ckpt_path, config, given, THIS_COMMAND)
+    updates, notes = resume_settings(ckpt_path, config, given, THIS_COMMAND)
     config.update(updates)
     globals().update(updates)
     inherited = set(updates)
@@ -186,9 +188,6 @@ if init_from == 'resume':
     if ckpt['config']['init_from'] in ('scratch', 'resume'):  # else the release set the model
         check_model_args(ckpt_path, ckpt['model_args'],
                          vars(model_config(config, meta['vocab_size'])))
-    if changed:
-        notes.append("resuming with settings that differ from the checkpoint's, so the run will "
-                     "not retrace an uninterrupted one: " + ", ".join(changed))
     if not eval_only:  # an evaluation trains nothing and logs to nothing
         for note in notes:
             say(f"note: {note}")
@@ -198,7 +197,7 @@ elif init_from != 'scratch':  # one of the authors' released models, which read 
     model = load_released(init_from)
     say(f"note: --init_from={init_from} sets the model (its own sizes and semantics, "
         f"hide_closed_keys={model.config.hide_closed_keys}); this run's model settings are unused"
-        + (f"; --eval_only evaluates it and neither reads nor writes {out_dir}" if eval_only else ""))
+        + (f"; an evaluation neither reads nor writes {out_dir}" if eval_only else ""))
 else:
     model = GPT(model_config(config, meta['vocab_size']))
 model_args = dict(vars(model.config))  # what was built, for every checkpoint this run writes
@@ -211,8 +210,9 @@ need(T <= model.config.block_size and meta['vocab_size'] <= model.config.vocab_s
 need(skip != 'true' or hide_closed_keys, "--skip=true needs closed keys hidden (hide_closed_keys): "
      "with them visible every token's key is needed in every layer")
 # packing syncs with the host once per layer, which breaks a compiled graph into pieces
-skip = gated and hide_closed_keys and (skip == 'true' or (skip == 'auto' and not use_compile))
-model.to(device)
+skip = gated and hide_closed_keys and not plain and (skip == 'true' or (skip == 'auto' and
+                                                                      not use_compile))
+model.use_plain(plain).to(device)
 optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type,
                                       adam_eps)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no scaling
@@ -239,7 +239,8 @@ if ddp:
         train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
 say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']} -> model "
     f"{model.config.vocab_size}); model {model.num_params() / 1e6:.2f}M non-embedding params, "
-    f"{('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'}, "
+    f"{('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'}"
+    f"{', plain definitions' if plain else ''}, "
     f"{n_layer} layers; device {device} x {world} "
     f"({f'ddp {torch.distributed.get_backend()}' if ddp else 'single process'}), {dtype}, "
     f"compile {use_compile}")

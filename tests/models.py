@@ -1,32 +1,10 @@
-"""Small models with gates set by hand, for the tests of model.py and skipping.py."""
+"""Small models with gates set by hand, for the tests of skipping.py and the scripts (those of
+test_model.py, the model's tests, come from there)."""
 
 import torch
 
 from model import GPT, GPTConfig, RMSNorm
-
-V = 64  # vocabulary
-
-
-def tiny(gated=True, **kw):
-    """4 layers, d 32, 4 heads sharing 2 K/V heads, block 32; N(0, 0.02) weights, seed 0."""
-    args = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, gated=gated)
-    args.update(kw)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**args)).eval()
-
-
-def skip_tokens_model(skip_ids, n_layer=4):
-    """Tokens in skip_ids have gate 0 in every layer and all other tokens gate 1: embedding
-    feature 0 is +1 for them and -1 for the others, and gate head 0 reads it with weight 100."""
-    m = tiny(n_layer=n_layer)
-    with torch.no_grad():
-        m.tok_emb.weight[:, 0] = -1.0
-        m.tok_emb.weight[skip_ids, 0] = 1.0
-        for head in m.gate_heads:
-            head.weight.zero_()
-            head.bias.zero_()
-        m.gate_heads[0].weight[0, 0] = 100.0
-    return m
+from test_model import V, skip_tokens_model, tiny  # noqa: F401 (for the other tests)
 
 
 def random_gates_model(**kw):

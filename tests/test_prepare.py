@@ -210,7 +210,7 @@ def test_permission_denied(tmp_path):
         r = subprocess.run(['setpriv', '--bounding-set=-dac_override,-dac_read_search',
                             sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
                             f'--basetemp={tmp_path / "inner"}', f'{__file__}::test_permission_denied'],
-                           capture_output=True, text=True, cwd=os.path.dirname(__file__))
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
         assert r.returncode == 0 and '1 passed' in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         return
     src = write(tmp_path / 'in.txt', TEXT)

@@ -43,22 +43,95 @@ def test_fused_attention_equals_the_plain_one_with_gradients(dtype):
     assert torch.allclose(one, attention(q[:, :, -1:], k, v, M.gate_bias(g, 1e-6)), atol=1e-5)
 
 
-def test_model_on_the_fused_kernel_equals_the_plain_model(monkeypatch):
+def test_plain_definitions_compute_what_the_fast_paths_compute(monkeypatch):
+    """model.use_plain(): model.attention itself runs (a spy counts its calls), no packing, no
+    KV cache; its logits, gates and gradients equal those of the fused kernel, of packed rows
+    (skip=True) and of the masked path, and greedy generation gives the same tokens and gates."""
+    calls = []
+    monkeypatch.setattr(M, "attention", lambda *a: calls.append(1) or attention(*a))
+    monkeypatch.setattr(S, "KVCache", lambda *a, **k: calls.append("cache") or KVCache(*a, **k))
     m = random_gates_model()
     idx = torch.randint(0, V, (3, 32))
     results = []
-    for fast in (True, False):
-        monkeypatch.setattr(M.Attention, "fast", fast)
-        m.zero_grad()
-        logits, loss, gates = m(idx, idx.roll(-1, 1))
+    for plain, skip in ((True, False), (True, True), (False, False), (False, True)):
+        m.use_plain(plain).zero_grad()
+        calls.clear()
+        logits, loss, gates = m(idx, idx.roll(-1, 1), skip=skip)
         loss.backward()
+        assert len(calls) == (4 if plain else 0)  # one plain attention per layer, or none
         results.append([logits, gates] + [p.grad for p in m.parameters()])
     assert 0 < (results[0][1] == 0).float().mean() < 1
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    outputs = []
+    for plain in (True, False):
+        calls.clear()
+        out, gates = m.use_plain(plain).generate(idx[:, :8], 12, temperature=0, return_gates=True)
+        assert ("cache" in calls) != plain and (1 in calls) == plain
+        outputs.append((out, gates))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
 
 
 # ------------------------------------------------------------------ 2. packed rows
+
+def one_block_with_gates(B=3, T=24):
+    """Block 0 of tiny(), a stream x (B, T, d), and gates g (B, T, 1): in row 0 every third token
+    closed, in row 1 every other one, in row 2 all but the first; and their key bias."""
+    m = random_gates_model()
+    torch.manual_seed(5)
+    x = torch.randn(B, T, 32)
+    g = torch.rand(B, T, 1) * 0.9 + 0.1
+    g[0, 1::3] = 0.0
+    g[1, 1::2] = 0.0
+    g[2, 1:] = 0.0
+    return m, x, g, M.gate_bias(g.squeeze(-1), 1e-6)
+
+
+@pytest.mark.packed_rows
+@pytest.mark.parametrize("bucket", [1, S.SKIP_BUCKET])
+def test_packed_rows_compute_the_masked_block_with_gradients(monkeypatch, bucket):
+    """The layer on packed rows equals the block on every token (closed ones hidden by their key
+    bias): outputs, and gradients of the stream, the open gates and the weights (a closed gate
+    has none on packed rows: in a model the clamp that closed it has none either); a closed
+    token keeps its stream exactly; and the block really ran on fewer than T tokens per row."""
+    monkeypatch.setattr(S, "SKIP_BUCKET", bucket)
+    m, x, g, bias = one_block_with_gates()
+    block, cos, sin = m.blocks[0], m.rope_cos[:24], m.rope_sin[:24]
+    lengths = []
+    hook = block.ffn.register_forward_hook(lambda mod, inp, out: lengths.append(inp[0].size(1)))
+    results = []
+    for packed in (False, True):
+        block.zero_grad()
+        xs, gs = x.clone().requires_grad_(), g.clone().requires_grad_()
+        run = S.active_tokens_layer if packed else block
+        out = run(block, xs, cos, sin, gs, bias) if packed else run(xs, cos, sin, gs, bias)
+        out.pow(2).sum().backward()
+        results.append([out, xs.grad, gs.grad[g > 0]] + [p.grad for p in block.parameters()])
+    hook.remove()
+    assert lengths[0] == 24 and lengths[1] == -(-int((g > 0).sum(1).max()) // bucket) * bucket < 24
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    closed = (g == 0).squeeze(-1)
+    assert torch.equal(results[1][0][closed], x[closed])
+
+
+@pytest.mark.packed_rows
+def test_packed_rows_keep_each_tokens_key_and_value_at_its_position():
+    """Prefill with a KV cache: the packed layer stores the keys and values of the open tokens
+    in their own slots, as the block on every token does."""
+    m, x, g, bias = one_block_with_gates()
+    block, cos, sin = m.blocks[0], m.rope_cos[:24], m.rope_sin[:24]
+    caches = [KVCache(m, 3, 24, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        block(x, cos, sin, g, bias, caches[0].keeper(0))
+        S.active_tokens_layer(block, x, cos, sin, g, bias, caches[1], 0)
+    open_ = (g > 0).view(3, 24)
+    for kv in ("k", "v"):
+        full, packed = (getattr(c, kv)[0].transpose(1, 2)[open_] for c in caches)  # (open, H_kv, hd)
+        assert torch.allclose(full, packed, atol=1e-5) and packed.abs().sum() > 0
+
 
 @pytest.mark.parametrize("bucket", [1, S.SKIP_BUCKET])
 @pytest.mark.parametrize("batch", ["mixed", "middle skipped"])

@@ -112,3 +112,60 @@ def test_experiment_refuses_train_settings_it_sets_per_run():
         assert result.returncode == 1 and "experiment.py sets" in result.stderr and arg in result.stderr
     out = run("experiment.py", "--dry_run", "--seed=7", "--max_iters=10")  # the others reach every run
     assert all(line.endswith("--seed=7 --max_iters=10") for line in out.strip().splitlines())
+
+
+DRAWN = """
+import json, os, runpy, sys
+sys.path.insert(0, os.environ['ROOT'])
+import matplotlib.figure
+drawn = []
+def record(fig, path, **kwargs):  # what each figure shows, instead of a picture
+    ax = fig.axes[0]
+    drawn.append({'path': os.path.basename(path),
+                  'lines': [[list(map(float, l.get_xdata())), list(map(float, l.get_ydata())),
+                             l.get_linestyle()] for l in ax.lines],
+                  'images': [im.get_array().tolist() for im in ax.images],
+                  'xticks': [t.get_text() for t in ax.get_xticklabels()]})
+matplotlib.figure.Figure.savefig = record
+sys.argv = ['figures.py'] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ['ROOT'], 'figures.py'), run_name='__main__')
+print('drawn: ' + json.dumps(drawn))
+"""
+
+
+@pytest.mark.slow
+def test_figures_are_drawn_from_the_runs_numbers(tmp_path):
+    """figures.py draws each first-half layer's logged gate means at their steps, with its target
+    dashed, and the text's gates as the model computes them, one column per token."""
+    pytest.importorskip('matplotlib')
+    import torch
+    from checkpoints import load_checkpoint
+    from model import gate_targets
+    from prepare import prepare
+    data = prepare('shakespeare_char', out_dir=str(tmp_path / 'data'))
+    out = tmp_path / 'run'
+    run(os.path.join(HERE, 'train.py'), '--n_layer=6', '--n_head=2', '--n_kv_head=2', '--n_embd=32',
+        '--block_size=32', '--batch_size=4', '--max_iters=8', '--eval_interval=8', '--log_interval=2',
+        '--eval_tokens=512', '--ctrl_lr=0.5', '--ctrl_target_end=0.3', f'--data_dir={data}', f'--out_dir={out}')
+    (tmp_path / 'drawn.py').write_text(DRAWN)
+    p = subprocess.run([sys.executable, str(tmp_path / 'drawn.py'), f'--out_dir={out}', '--text=ROMEO: hi'],
+                       capture_output=True, text=True, cwd=HERE, env=dict(ENV, ROOT=HERE))
+    assert p.returncode == 0, p.stderr[-2000:]
+    training, text = json.loads(p.stdout.rsplit('drawn: ', 1)[1])
+    assert training['path'] == 'gates_training.png' and text['path'] == 'gates_text.png'
+    with open(out / 'log.jsonl') as f:
+        logged = [r for r in map(json.loads, f) if r['type'] == 'train']
+    targets = gate_targets(6, 1.0, 0.3)[0].tolist()
+    solid = [line for line in training['lines'] if line[2] == '-']
+    dashed = [line for line in training['lines'] if line[2] == '--']
+    assert len(solid) == len(dashed) == 3
+    for i, (xs, ys, _) in enumerate(solid):
+        assert xs == [r['step'] for r in logged] == [1, 2, 4, 6, 8]
+        assert ys == pytest.approx([r['gate_mean'][i] for r in logged])
+    assert [line[1][0] for line in dashed] == pytest.approx(targets[:3])
+    model, _ = load_checkpoint(str(out / 'ckpt.pt'))
+    ids = [json.load(open(f'{data}/meta.json'))['chars'].index(c) for c in 'ROMEO: hi']
+    with torch.no_grad():
+        gates = model.eval()(torch.tensor([ids]))[2][:, 0]
+    assert torch.allclose(torch.tensor(text['images'][0]), gates, atol=1e-6)
+    assert text['xticks'] == list('ROMEO: hi') and gates.shape == (6, 9) and (gates < 1).any()

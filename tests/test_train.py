@@ -411,6 +411,7 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
         (TINY + ['--n_layer=3', out, data], 'GPTConfig.n_layer', 'even', '3'),
         (TINY + ['--ctrl_coef=much', out, data], 'ctrl_coef must be a number, or None'),
         (TINY + ['--ctrl_target_end=1.5', out, data], 'controller targets must be in [0, 1]'),
+        (TINY + ['--skip=true', '--plain=true', out, data], '--skip=true and --plain=true'),
     ]
     for p, (argv, *needles) in zip(runs_in_one_process([c[0] for c in cases]), cases):
         one_line_error(p, *needles)
@@ -592,7 +593,7 @@ def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
 def test_each_controller_regularizes_through_train_py(tmp_path, kind):
     """Each kind, run by train.py: the logged regularizer of every step is what the README's
     table says, from that step's gates (logged per layer) and the coefficients in force. Fixed
-    kinds: their c and k (FIXED, whose values tests/test_model.py holds to the README), all
+    kinds: their c and k (FIXED, whose values test_model.py holds to the README), all
     along. Target kinds: c and k start at 0 and move. The loss uses each micro-batch's unbiased
     variance; the log pools the step's (biased) one."""
     out = str(tmp_path / kind)
@@ -972,3 +973,25 @@ def test_the_evaluation_table_keeps_its_columns_apart(tiny_ckpt, tmp_path):
     assert rows['layer'] == ['0', '1'] and all(len(v) == 2 for v in rows.values()), rows
     norms = [float(v) for v in rows['resid_norm']]
     assert 100 <= norms[0] < 1000 <= norms[1], norms
+
+
+@pytest.mark.slow
+def test_plain_definitions_train_and_sample_like_the_fast_paths(tmp_path):
+    """--plain=true runs model.py's own definitions (plain attention, every token through every
+    layer, generation without a cache): the same losses as the default run, which skips and uses
+    the fused kernel, and the same greedy sample."""
+    args = TINY + ['--n_layer=4', '--max_iters=20', '--eval_interval=20', '--ctrl_lr=0.5']
+    fast, plain = str(tmp_path / 'fast'), str(tmp_path / 'plain')
+    assert 'gated, skip on,' in run(args, fast).stdout
+    assert 'gated, skip off (masked), plain definitions,' in run(args + ['--plain=true'], plain).stdout
+    a, b = records(fast, 'train'), records(plain, 'train')
+    assert max(r['sparsity'] for r in a) > 0.2
+    assert [r['loss'] for r in b] == pytest.approx([r['loss'] for r in a], rel=1e-4)
+    samples = []
+    for out, extra in ((fast, []), (plain, ['--plain=true'])):
+        p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--temperature=0', '--max_new_tokens=60',
+                            '--start=ROMEO:', '--show_skips', '--no_color', *extra],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        samples.append(p.stdout.split('tokens in')[0].rsplit('\n', 1)[0])  # all but the timing line
+    assert samples[0] == samples[1] and '|' in samples[0]  # the same text, the same layers run

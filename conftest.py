@@ -1,13 +1,14 @@
 """Two tiers of tests. `python -m pytest -q` is the fast loop, a few minutes on a laptop's CPU:
-every module's behaviour, tiny models, few subprocesses. `python -m pytest -q --runslow` adds
-the end-to-end scenarios marked slow (train.py runs, two nodes, the experiment, compile, the
-bad-input sweep); CI runs that."""
+test_model.py (the model's tests) and every module's behaviour in tests/, tiny models, few
+subprocesses. `python -m pytest -q --runslow` adds the end-to-end scenarios marked slow (train.py
+runs, two nodes, the experiment, compile, the bad-input sweep, the course kit); CI runs that.
+The markers of EXERCISES.md's exercises are registered here."""
 import os
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # the scripts
 
 
@@ -21,7 +22,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Tests write only under pytest's tmp_path: a file they leave in the repository fails the run."""
+    """Tests write only under pytest's tmp_path: a file left in the repository fails the run."""
     new = files_in_the_repository() - session.files_before
     if new:
         print(f"\nerror: the tests wrote into the repository: {sorted(new)[:5]}", file=sys.stderr)
@@ -32,8 +33,15 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
 
 
+EXERCISES = ("gate", "gate_loop", "key_bias", "attention", "block", "targets", "regularizer",
+             "controller", "pooled_variance", "flops", "packed_rows")  # EXERCISES.md's Checks
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end scenario, run with --runslow")
+    for name in EXERCISES:
+        config.addinivalue_line("markers", f"{name}: a test of the exercise of EXERCISES.md whose "
+                                           f"Check selects it with -m {name}")
 
 
 def pytest_collection_modifyitems(config, items):
