@@ -995,3 +995,24 @@ def test_plain_definitions_train_and_sample_like_the_fast_paths(tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
         samples.append(p.stdout.split('tokens in')[0].rsplit('\n', 1)[0])  # all but the timing line
     assert samples[0] == samples[1] and '|' in samples[0]  # the same text, the same layers run
+
+
+@pytest.mark.slow
+def test_proportional_integral_through_train_py_and_a_resume(tmp_path):
+    """The PI rule as train.py runs it: c = lr * (kp * d + the sum of d) at every step, from the
+    logged gate means (tol 0, no clamp), and a run stopped and resumed takes the same steps."""
+    args = TINY + ['--n_layer=4', '--max_iters=8', '--eval_interval=4', '--controller=proportional_integral',
+                   '--ctrl_lr=0.05', '--ctrl_tol=0']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    run(args, a)
+    run(args + ['--stop_iter=4'], b)
+    run(['--init_from=resume'], b)
+    ra, rb = records(a, 'train'), records(b, 'train')
+    assert [r['mean_coefs'] for r in ra] == [r['mean_coefs'] for r in rb] and len(ra) == 8
+    t = torch.tensor([1.0, 0.5, 0.5, 1.0], dtype=torch.float64)
+    total = torch.zeros(4, dtype=torch.float64)
+    for r in ra:
+        d = torch.tensor(r['gate_mean'], dtype=torch.float64) - t
+        total += d
+        assert r['mean_coefs'] == pytest.approx((0.05 * (10.0 * d + total)).tolist(), abs=1e-6), r['step']
+    assert load(b)['controller']['memory']['mean']['previous'].shape == (4,)
