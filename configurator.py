@@ -182,6 +182,7 @@ def gate_controller(settings, n_layer, device='cpu'):
             if k.startswith('ctrl_') and k[len('ctrl_'):] in takes}
     return GateController(settings['controller'], n_layer, device=device, **args)
 
+
 def device_and_dtype(device='auto', dtype='auto', local_rank=None, deterministic=None):
     """The torch.device to run on and the name of the compute dtype: 'auto' picks CUDA, then
     MPS, then the CPU; and bfloat16 on GPUs that have it (float16 on older ones), else float32.

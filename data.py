@@ -247,6 +247,21 @@ def get_tokenizer(meta):
     enc = gpt2_tokenizer()
     return (lambda s: encode(s).tolist()), (lambda ids: enc.decode([int(i) for i in ids]))
 
+def text_or_file(value, setting):
+    """value, or the UTF-8 text of the file it names as FILE:path (a prompt, a text to map);
+    one-line DataErrors naming the setting when that file cannot be read."""
+    if not value.startswith('FILE:'):
+        return value
+    try:
+        with open(value[len('FILE:'):], encoding='utf-8') as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"--{setting}={value}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"--{setting}={value}: not UTF-8 text (bad byte at offset {e.start}); "
+                        f"convert it to UTF-8 first") from None
+
+
 def _wait_for_preparation(data_dir):
     """If a prepare.py is writing data_dir, waits until it is done: a reader may start while the
     data is being made (the other ranks of a job whose first rank prepares it)."""

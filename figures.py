@@ -16,7 +16,7 @@ import torch
 
 from checkpoints import load_checkpoint
 from configurator import check_out_dir, configure
-from data import DataError, get_tokenizer
+from data import DataError, get_tokenizer, text_or_file
 from model import FIXED, gate_targets
 
 # settings
@@ -33,22 +33,21 @@ except ImportError:
     sys.exit("error: figures.py draws with matplotlib, which is optional: pip install matplotlib")
 
 
-def gate_means_over_training(records, config):
+def gate_means_over_training(records, targets, controller):
     """Each layer of the first half (the second mirrors it): its gate mean at every logged step,
-    and its target (dashed) when the controller has targets."""
+    and its target (dashed; None for a fixed kind, which has none)."""
     steps = [r['step'] for r in records]
     means = list(zip(*(r['gate_mean'] for r in records)))  # per layer
     L = len(means)
-    targets = gate_targets(L, config['ctrl_target_start'], config['ctrl_target_end'])[0]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i in range(L // 2):
         ax.plot(steps, means[i], color=f"C{i}", label=f"layers {i} and {L - 1 - i}")
-        if config['controller'] not in FIXED:  # fixed kinds have no targets
-            ax.axhline(targets[i].item(), color=f"C{i}", linestyle='--', linewidth=1)
+        if targets is not None:
+            ax.axhline(targets[i], color=f"C{i}", linestyle='--', linewidth=1)
     ax.set_xlabel('step')
     ax.set_ylabel('mean gate (dashed: target)')
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{config['controller']} controller, {L} layers")
+    ax.set_title(f"{controller} controller, {L} layers")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -76,27 +75,23 @@ start_record = [r for r in log if r['type'] == 'start'][-1]
 records = [r for r in log if r['type'] == 'train' and 'gate_mean' in r]
 if not records:
     sys.exit(f"error: {log_path} has no gate means: figures.py draws a gated run's gates")
-path = os.path.join(out_dir, 'gates_training.png')
-gate_means_over_training(records, start_record['config']).savefig(path, dpi=150)
-print(f"wrote {path}: the gate means of {len(records)} logged steps")
 config, L = start_record['config'], len(records[0]['gate_mean'])
-if config['controller'] not in FIXED:  # how near the targets the second half of training stayed
-    targets = gate_targets(L, config['ctrl_target_start'], config['ctrl_target_end'])[0]
+targets = None if config['controller'] in FIXED else gate_targets(
+    L, config['ctrl_target_start'], config['ctrl_target_end'])[0].tolist()
+path = os.path.join(out_dir, 'gates_training.png')
+gate_means_over_training(records, targets, config['controller']).savefig(path, dpi=150)
+print(f"wrote {path}: the gate means of {len(records)} logged steps")
+if targets is not None:  # how near the targets the second half of training stayed
     late = [r['gate_mean'] for r in records if r['step'] > records[-1]['step'] / 2]
     for i in range(L // 2):
-        miss = sum(abs(m[i] - targets[i].item()) for m in late) / len(late)
+        miss = sum(abs(m[i] - targets[i]) for m in late) / len(late)
         low = min(records, key=lambda r: r['gate_mean'][i])
-        print(f"  layers {i} and {L - 1 - i}: target {targets[i].item():.3f}; mean gate lowest "
+        print(f"  layers {i} and {L - 1 - i}: target {targets[i]:.3f}; mean gate lowest "
               f"{low['gate_mean'][i]:.3f} (step {low['step']}), {late[-1][i]:.3f} at the end, "
               f"{miss:.3f} from the target on average over the second half of training")
 
 model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-if text.startswith('FILE:'):
-    try:
-        with open(text[len('FILE:'):], encoding='utf-8') as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"--text={text}: cannot read it as UTF-8 text ({e})") from None
+text = text_or_file(text, 'text')
 encode, decode = get_tokenizer(ckpt['meta'])
 ids = encode(text)[:model.config.block_size]
 if not ids:

@@ -20,7 +20,7 @@ import torch
 
 from checkpoints import load_checkpoint, load_released
 from configurator import check_out_dir, configure, device_and_dtype
-from data import DataError, get_tokenizer
+from data import DataError, get_tokenizer, text_or_file
 
 # settings
 init_from = 'resume'     # 'resume': out_dir/ckpt.pt; or a released model: a Hugging Face hub
@@ -93,16 +93,7 @@ model.use_plain(plain).eval()  # float32 weights; bf16/fp16 via autocast, as in 
 autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != 'float32')
 cfg = model.config
 encode, decode = get_tokenizer(meta)
-prompt = start
-if start.startswith('FILE:'):
-    try:
-        with open(start[len('FILE:'):], encoding='utf-8') as f:
-            prompt = f.read()
-    except OSError as e:
-        raise DataError(f"--start={start}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"--start={start}: not UTF-8 text (bad byte at offset {e.start}); "
-                        f"convert it to UTF-8 first") from None
+prompt = text_or_file(start, 'start')
 ids = encode(prompt)
 if not ids:
     raise DataError("--start is empty after tokenizing: give at least one character")
