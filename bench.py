@@ -22,12 +22,12 @@ import time
 
 import torch
 
-from configurator import (configure, device_and_dtype, gate_controller, model_config, peak_flops,
-                          settings_block)
+from configurator import configure, gate_controller, model_config, settings_block
 from model import GPT, GateController, GPTConfig, gate_moments, pooled_variance
-from skipping import KVCache
+from skipping import KVCache, cached_forward
 from data import TokenStream, load_meta, shard_paths
 from prepare import prepare
+from system import device_and_dtype, peak_flops
 
 MODES = ('train', 'decode', 'skip', 'run')
 # settings
@@ -152,8 +152,8 @@ def decode_seconds(model, prompt, tokens, cache=True, skip=True):
         contexts = [torch.cat([prompt, tokens[:, :t + 1]], dim=1) for t in range(n)]
         return seconds(lambda: [model(c) for c in contexts], prompt.device)
     kv = KVCache(model, 1, prompt.size(1) + n, prompt.device)
-    model(prompt, skip=skip, cache=kv)
-    return seconds(lambda: [model(tokens[:, t:t + 1], skip=skip, cache=kv) for t in range(n)],
+    cached_forward(model, prompt, kv, skip)
+    return seconds(lambda: [cached_forward(model, tokens[:, t:t + 1], kv, skip) for t in range(n)],
                    prompt.device)
 
 

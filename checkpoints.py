@@ -1,7 +1,7 @@
 """
 A training run's files: train.py's checkpoints (written atomically, read back with checks, the
-settings a resumed run takes from them) and its log (RunFiles); and the paper's authors'
-released models, converted to GPTs of model.py.
+settings and state a resumed run takes from them) and its log (RunFiles); and the paper's
+authors' released models, converted to GPTs of model.py.
 
 Released models: T. Lawson and L. Aitchison's FineWeb models on the Hugging Face hub (MIT
 licence), e.g. tim-lawson/skip-middle-fineweb-baseline-4-layers or
@@ -26,19 +26,50 @@ model.safetensors (every weight under 'model.', the token embedding in bfloat16)
 Reading the files needs safetensors, and a hub id needs huggingface_hub; both are optional
 (`pip install safetensors huggingface_hub`) and imported only here.
 """
+import fcntl
 import json
 import os
 import re
 import shutil
+import signal
 
 import torch
 
-from model import GPT, GPTConfig
+from configurator import model_config
+from data import same_tokens
+from model import FIXED, GPT, GPTConfig
 
 # -------------------------------------------------------------------- train.py's
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or made with other settings (one line)."""
+
+
+def check_out_dir(out_dir, write=False):
+    """A one-line CheckpointError when out_dir is a file; with write, also when it cannot be
+    written or another train.py writes there. With write it is made, and locked (flock) until
+    this process ends, so that two runs never overwrite each other's files."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"--out_dir={out_dir} is a file, not a folder; pick another out_dir")
+    if not write:
+        return
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out_dir={out_dir}: cannot write in {probe}; make it writable "
+                              f"or pick another out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".train.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CheckpointError(f"another train.py is running in {out_dir} (it holds {lock.name}); "
+                              f"wait for it to end or use another out_dir") from None
+    _held.append(lock)
+
+
+_held = []  # lock files held until the process ends
 
 
 def save_checkpoint(state, path):
@@ -89,23 +120,43 @@ def check_model_args(path, saved_args, model_args):
     (saved_args) and this run (model_args) differ."""
     if difference := model_difference(saved_args, model_args):
         k, old, new = difference
-        fix = "it was trained on other data" if k == "data_vocab_size" else f"pass --{k}={old}"
         raise CheckpointError(f"{k}: checkpoint {path} has {k}={old!r} but this run has "
-                              f"{k}={new!r}; {fix} or use another out_dir")
+                              f"{k}={new!r}; pass --{k}={old} or use another out_dir")
 
 
-def resume_settings(path, config, given, this_command):
-    """A resumed run's settings: those saved in its checkpoint at path, but for those this
-    command gives (given) and those of where and how it runs and is watched (this_command).
-    Returns them (a dict of the settings in config to change), and notes for the user: on the
-    given settings that keep the run from retracing its first part, and on what the run did
-    that this command does not."""
+# A resumed run (or an evaluation) takes what defines the run from its checkpoint: model, data,
+# optimizer, schedule, controller, log intervals. These, where and how it runs or is watched, it
+# takes from its own command.
+THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'stop_iter', 'device', 'dtype', 'compile',
+                'deterministic', 'backend', 'plain', 'wandb_log', 'wandb_project',
+                'wandb_run_name')
+
+
+def run_settings(out_dir, config, given):
+    """What a resume (--init_from=resume) or an evaluation of out_dir's run changes in this run's
+    settings (a dict), with notes for the user; an evaluation of nothing else is a resume."""
+    check_out_dir(out_dir)
+    path = os.path.join(out_dir, "ckpt.pt")
+    if config["eval_only"] and config["init_from"] == "scratch":  # evaluate the run that is there
+        if not os.path.isfile(path):
+            raise CheckpointError(f"--eval_only evaluates a trained model, and {out_dir} holds no "
+                                  f"ckpt.pt; pass the out_dir of a run, or --init_from=<a "
+                                  f"released model>")
+        updates, notes = resume_settings(path, config, given)
+        return {**updates, "init_from": "resume"}, notes
+    return resume_settings(path, config, given) if config["init_from"] == "resume" else ({}, [])
+
+
+def resume_settings(path, config, given):
+    """A resumed run's settings (a dict of those in config to change): the checkpoint's at path,
+    but for THIS_COMMAND and those the command gives. And notes for the user: on given settings
+    that keep the run from retracing its first part, and on a wandb run that this one is not."""
     saved = dict(read_checkpoint(path, mmap=True)["config"])
     if "attn_backend" in saved:  # older checkpoints, in which a coefficient of 0 meant the default
         saved.update({k: None for k in ("ctrl_coef", "ctrl_var_coef") if saved.get(k) == 0})
     updates = {k: v for k, v in saved.items()
-               if k in config and k not in given and k not in this_command}
-    harmless = ("eval_interval", "log_interval", "always_save_checkpoint", "skip", *this_command)
+               if k in config and k not in given and k not in THIS_COMMAND}
+    harmless = ("eval_interval", "log_interval", "always_save_checkpoint", "skip", *THIS_COMMAND)
     changed = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(given & saved.keys())
                if saved[k] != config[k] and k not in harmless]
     notes = []
@@ -116,6 +167,41 @@ def resume_settings(path, config, given, this_command):
         notes.append(f"the run logged to wandb (project {saved['wandb_project']!r}); this command "
                      f"does not: pass --wandb_log=true to go on")
     return updates, notes
+
+
+def run_state(model, optimizer, scaler, ctrl, train_stream, **rest):
+    """A training run's checkpoint: the states of its parts, the random generators' and rest."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_state(),
+            "controller": controller_state(ctrl) if ctrl else None,
+            "data_state": train_stream.state_dict(), **rest}
+
+
+def restore_run(ckpt, optimizer, scaler, ctrl, train_stream):
+    """Puts a checkpoint's optimizer, scaler, controller, data position and random state back;
+    returns its step, best_val_loss, train_flops and train_time."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ctrl is not None:
+        load_controller(ctrl, ckpt["controller"])
+    train_stream.load_state_dict(ckpt["data_state"])
+    set_rng_state(ckpt["rng"])
+    return tuple(ckpt[k] for k in ("step", "best_val_loss", "train_flops", "train_time"))
+
+
+def stop_signals():
+    """A list that SIGTERM or Ctrl-C appends to (preemption: the run checkpoints, then exits);
+    a second signal does not wait."""
+    received = []
+
+    def on_signal(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return received
 
 
 def check_same_model(path, model_args):
@@ -159,8 +245,9 @@ def load_checkpoint(path, device="cpu", model_args=None):
     saved_args = ckpt["model_args"]
     if model_args:
         check_model_args(path, saved_args, model_args)
-    # attn_backend: a kernel choice that older checkpoints kept (FlexAttention or SDPA)
-    model = GPT(GPTConfig(**{k: v for k, v in saved_args.items() if k != "attn_backend"}))
+    # older checkpoints kept fields since dropped (attn_backend, data_vocab_size)
+    fields = GPTConfig.__dataclass_fields__
+    model = GPT(GPTConfig(**{k: v for k, v in saved_args.items() if k in fields}))
     # torch.compile and DDP save parameters under _orig_mod. and module. prefixes
     state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
     try:
@@ -169,6 +256,59 @@ def load_checkpoint(path, device="cpu", model_args=None):
         raise CheckpointError(f"{path}: its weights do not fit its model_args "
                               f"({str(e).strip().splitlines()[-1].strip()})") from None
     return model.to(device), ckpt
+
+
+def start_model(config, meta, data_dir, writes):
+    """The model a train.py run starts from by config['init_from'], its checkpoint (or None) and
+    notes for the user: out_dir's run ('resume'), checked against this run's data (meta.json, of
+    data_dir) and model settings; a new model of config's settings ('scratch'); or an authors'
+    released model. A run that writes to out_dir never pushes aside a run of another model."""
+    path, init_from = os.path.join(config["out_dir"], "ckpt.pt"), config["init_from"]
+    if init_from == "resume":
+        model, ckpt = load_checkpoint(path)
+        same_tokens(ckpt["meta"], meta, data_dir)  # data prepared again: ids would mean others
+        if ckpt["config"]["init_from"] in ("scratch", "resume"):  # else a released model set it
+            check_model_args(path, ckpt["model_args"],
+                             vars(model_config(config, meta["vocab_size"])))
+        return model, ckpt, []
+    if init_from == "scratch":
+        model, notes = GPT(model_config(config, meta["vocab_size"])), []
+    else:
+        model = load_released(init_from, meta["tokenizer"])
+        notes = [f"--init_from={init_from} sets the model (hide_closed_keys="
+                 f"{model.config.hide_closed_keys}); this run's model settings are unused"
+                 + ("" if writes else f"; an evaluation leaves {config['out_dir']} alone")]
+    if writes and os.path.exists(path):
+        check_same_model(path, vars(model.config))
+    return model, None, notes
+
+
+def controller_state(ctrl):
+    """What a checkpoint keeps of a GateController: its coefficients and its rule's memory."""
+    return {"kind": ctrl.kind, "mean_coefs": ctrl.mean_coefs.cpu(),
+            "var_coefs": ctrl.var_coefs.cpu(), "memory": moved_to(ctrl.memory, "cpu")}
+
+
+def load_controller(ctrl, state):
+    """Restores controller_state into ctrl (a fixed kind's coefficients are settings, not state)."""
+    if state["kind"] != ctrl.kind:
+        raise CheckpointError(f"the checkpoint's controller is {state['kind']!r}, this run asks "
+                              f"for {ctrl.kind!r}; pass --controller={state['kind']} or use "
+                              f"another out_dir")
+    device = ctrl.mean_coefs.device
+    if ctrl.kind not in FIXED:
+        ctrl.mean_coefs, ctrl.var_coefs = (state[k].to(device) for k in ("mean_coefs", "var_coefs"))
+    memory = state.get("memory") or {n: {"ema": e} for n, e in state["ema"].items()}  # older
+    ctrl.memory = moved_to(memory, device)
+
+
+def moved_to(memory, device):
+    """A rule's memory (tensors, numbers, dicts and lists of them) with its tensors on device."""
+    if isinstance(memory, dict):
+        return {k: moved_to(v, device) for k, v in memory.items()}
+    if isinstance(memory, (list, tuple)):
+        return type(memory)(moved_to(v, device) for v in memory)
+    return memory.to(device) if torch.is_tensor(memory) else memory
 
 
 # -------------------------------------------------------------------- a training run's files
@@ -295,8 +435,8 @@ def read_config(path):
     try:
         with open(path) as f:
             c = json.load(f)
-        return dict(vocab_size=c['vocab_size'], data_vocab_size=c['vocab_size'],
-                    block_size=c['max_seq_len'], n_layer=c['n_layers'], n_head=c['n_heads'],
+        return dict(vocab_size=c['vocab_size'], block_size=c['max_seq_len'],
+                    n_layer=c['n_layers'], n_head=c['n_heads'],
                     n_kv_head=c.get('n_kv_heads') or c['n_heads'], n_embd=c['dim'],
                     rope_theta=float(c['rope_theta']), rope_scaling=bool(c['use_scaled_rope']),
                     norm_eps=float(c['norm_eps']))
@@ -333,9 +473,14 @@ def rotate_half_rows(w, n_heads):
     return w.view(n_heads, hd, -1)[:, order].reshape_as(w)
 
 
-def load_released(name_or_folder):
+def load_released(name_or_folder, tokenizer='gpt2'):
     """The authors' released model at name_or_folder (a folder, or a hub id) as a GPT in
-    float32 with hide_closed_keys=False. Raises CheckpointError (one line) if it cannot."""
+    float32 with hide_closed_keys=False, for data of `tokenizer`. Raises CheckpointError (one
+    line) if it cannot: their models read GPT-2 tokens."""
+    if tokenizer != 'gpt2':
+        raise CheckpointError(f"{name_or_folder} reads GPT-2 tokens, but the data holds "
+                              f"{tokenizer} tokens; prepare GPT-2 data (`python prepare.py "
+                              f"shakespeare`)")
     folder = name_or_folder if os.path.isdir(name_or_folder) else download(name_or_folder)
     missing = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:

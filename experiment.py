@@ -30,6 +30,7 @@ import torch
 
 from checkpoints import load_checkpoint
 from configurator import configure
+from skipping import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Every run of a scale shares its train.py settings; runs differ only in depth and gating.
@@ -100,8 +101,8 @@ def decode_speeds(model, tokens, repeats=7):
     for _ in range(repeats):
         for skip in (True, False):
             t0 = time.perf_counter()
-            _, gates = model.generate(prompt, tokens, temperature=0.8, return_gates=True, skip=skip,
-                                      generator=torch.Generator().manual_seed(1337))
+            _, gates = generate(model, prompt, tokens, temperature=0.8, return_gates=True,
+                                skip=skip, generator=torch.Generator().manual_seed(1337))
             times[skip].append(time.perf_counter() - t0)
     layers_run = (gates[:, 0, 1:] > 0).float().sum(0).mean().item()
     skipping, every_layer = (tokens / statistics.median(times[k]) for k in (True, False))

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from checkpoints import load_checkpoint
-from configurator import check_out_dir, configure
+from checkpoints import check_out_dir, load_checkpoint
+from configurator import configure
 from data import DataError, get_tokenizer, text_or_file
 from model import FIXED, gate_targets
 

@@ -9,10 +9,11 @@ to it, also with sharp attention and in bfloat16.
 3. The KV cache: a prompt (prefill) and then one token at a time (decoding), each running only
    the layers its gates leave open; and generate(), which samples with it.
 
-model.py calls this module, which needs only torch. Blocks, gates and key biases come in as
-arguments: the gate rule and the gated residual are written once, in model.py.
+model.py calls this module, which needs only torch: the model, its blocks, gates and key biases
+come in as arguments, so the gate rule and the gated residual are written once, in model.py.
+use_plain(model) turns the fused kernel off; skip=False and generate(cached=False) the rest.
 """
-
+import functools
 import warnings
 
 import torch
@@ -140,14 +141,26 @@ class KVCache:
         return read
 
 
-def cached_layer(block, x, cos, sin, g, key_bias, cache, i, skip):
-    """Layer i of a pass with a KV cache from position cache.length: a prompt (prefill) or one
-    new token per row (decoding). With skip, a (token, layer) whose gate is 0 gets no Q, K, V,
-    attention or FFN; its slot keeps its closed key bias, which hides it from later tokens. With
-    closed keys visible (key_bias None for a gated model) a skipped token still gets its key and
-    value there, and nothing else."""
+def cached_forward(model, idx, cache, skip=True):
+    """model(idx) for the next T positions of a KV cache, from cache.length: a prompt (prefill) or
+    one new token per row (decoding). Returns the logits of the last position (B, 1, V) and the
+    gates (L, B, T) (None for a dense model)."""
+    positions = slice(cache.length, cache.length + idx.size(1))
+    x = model.norm_in(model.tok_emb(idx))
+    layer = functools.partial(cached_layer, model=model, cache=cache, skip=skip,
+                              cos=model.rope_cos[positions], sin=model.rope_sin[positions])
+    x, gates = model.gate_loop(x, layer)
+    cache.length = positions.stop
+    return model.lm_head(model.norm_out(x[:, -1:])), (torch.stack(gates).squeeze(-1) if gates
+                                                        else None)
+
+
+def cached_layer(i, block, x, g, model, cache, skip, cos, sin):
+    """Layer i of a pass with a KV cache. With skip, a (token, layer) whose gate is 0 gets no Q,
+    K, V, attention or FFN; its slot keeps its closed key bias, which hides it from later tokens.
+    With closed keys visible (no key bias) a skipped token still gets its key and value there."""
     B, T, _ = x.shape
-    pos = cache.length
+    pos, key_bias = cache.length, model.key_bias(g)
     if cache.bias is not None:
         cache.bias[i][:, pos:pos + T] = key_bias
     if T > 1:  # prefill: a whole-sequence pass that also fills the cache
@@ -171,6 +184,14 @@ def cached_layer(block, x, cos, sin, g, key_bias, cache, i, skip):
     return x
 
 
+def use_plain(model, plain=True):
+    """plain: every layer runs model.attention itself rather than causal_attention. (Packing and
+    the cache are the caller's: model(idx, skip=False), generate(cached=False).)"""
+    for block in model.blocks:
+        block.attn.fast = not plain
+    return model
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Next token ids (B, 1) from last-position logits (B, V); temperature 0 is greedy."""
     if temperature == 0:
@@ -189,14 +210,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             generator=None, return_gates=False, skip=True, cached=True):
+             generator=None, return_gates=False, skip=True, cached=True, vocab_size=None):
     """Sample max_new_tokens after the prompt idx (B, T) with a KV cache: the prompt in one pass,
     then a token at a time, each running only the layers outside its skipped span. temperature 0
-    is greedy. Padding ids (data_vocab_size and up) are never sampled. With return_gates, also
-    the gates (L, B, T_out) of every output position (None for a dense model). When the context
-    reaches block_size, the last block_size/2 tokens are read again and decoding goes on.
-    skip=False runs every layer for every token (to measure what skipping saves). cached=False
-    is the plain way: a full forward pass over the last block_size tokens for each new one."""
+    is greedy; ids from vocab_size up (padding) are never sampled. With return_gates, also the
+    gates (L, B, T_out) of every position (None for a dense model). When the context reaches
+    block_size, the last block_size/2 tokens are read again and decoding goes on. skip=False
+    runs every layer for every token; cached=False is the plain way, a full forward pass over
+    the last block_size tokens for each new one."""
     cfg = model.config
     if idx.size(1) > cfg.block_size:
         warnings.warn(f"prompt of {idx.size(1)} tokens cropped to its last "
@@ -206,12 +227,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     cache = None
     if cached:
         cache = KVCache(model, idx.size(0), min(cfg.block_size, idx.size(1) + steps), idx.device)
-    logits, _, gates = model(idx, skip=skip and cached, cache=cache)
+        logits, gates = cached_forward(model, idx, cache, skip)
+    else:
+        logits, _, gates = model(idx)
     all_gates = [gates]
     for step in range(max_new_tokens):
         logits = logits[:, -1]
-        if 0 < cfg.data_vocab_size < logits.size(-1):
-            logits[:, cfg.data_vocab_size:] = float("-inf")  # padding ids
+        if vocab_size is not None and vocab_size < logits.size(-1):
+            logits[:, vocab_size:] = float("-inf")  # padding ids
         next_id = sample_next(logits, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, next_id], dim=1)
         if step == max_new_tokens - 1 and not return_gates:
@@ -221,10 +244,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             gates = None if gates is None else gates[:, :, -1:]
         elif cache.length == cache.size:  # context full: slide to the last half, read it again
             cache = KVCache(model, idx.size(0), cfg.block_size, idx.device)
-            logits, _, gates = model(idx[:, -(cfg.block_size // 2):], skip=skip, cache=cache)
+            logits, gates = cached_forward(model, idx[:, -(cfg.block_size // 2):], cache, skip)
             gates = None if gates is None else gates[:, :, -1:]
         else:
-            logits, _, gates = model(next_id, skip=skip, cache=cache)
+            logits, gates = cached_forward(model, next_id, cache, skip)
         all_gates.append(gates)
     if not return_gates:
         return idx

@@ -21,6 +21,7 @@ import checkpoints
 import model as M
 from checkpoints import CheckpointError, load_released
 from model import GPT, GPTConfig
+import skipping as S
 from skipping import KVCache
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -65,7 +66,7 @@ def test_released_model_generates_as_full_forwards_while_skipping():
     whose gate is 0 computes only its key and value in those layers (its key stays visible)."""
     m = load_released(FIXTURE).eval()
     prompt = reference()["idx"][:, :8]
-    out, gates = m.generate(prompt, 20, temperature=0, return_gates=True)
+    out, gates = S.generate(m, prompt, 20, temperature=0, return_gates=True)
     idx = prompt
     with torch.no_grad():
         for _ in range(20):
@@ -83,23 +84,26 @@ def test_keys_visible_decoding_computes_keys_but_no_queries_for_skipped_tokens()
     with torch.no_grad():
         _, _, gates = m(seq)
         cache = KVCache(m, 2, 24, seq.device)
-        m(seq[:, :8], cache=cache)
+        S.cached_forward(m, seq[:, :8], cache, skip=False)
         for block in m.blocks:
             for name in rows:
                 getattr(block.attn, name).register_forward_hook(
                     lambda mod, inp, out, name=name: rows.__setitem__(name, rows[name] + inp[0].size(0)))
         for t in range(8, 24):
-            m(seq[:, t:t + 1], cache=cache, skip=True)
+            S.cached_forward(m, seq[:, t:t + 1], cache)
     decoded = gates[:, :, 8:]
     assert rows["wk"] == decoded.numel()  # every (token, layer) gets its key and value
     assert rows["wq"] == (decoded > 0).sum() < decoded.numel()  # only the open ones a query
 
 
 @released
-def test_skip_true_is_refused_when_keys_stay_visible():
+def test_skip_true_with_keys_visible_computes_every_token():
+    """A closed key that stays visible is needed in every layer: skip=True then runs every token
+    (closed ones included), and gives what the authors' code gives."""
     m = load_released(FIXTURE)
-    with pytest.raises(M.ConfigError, match="skip=True needs hide_closed_keys=True"):
-        m(reference()["idx"], skip=True)
+    with torch.no_grad():
+        logits, _, _ = m(reference()["idx"], skip=True)
+    assert (logits - reference()["logits"]).abs().max().item() < 1e-4
 
 
 def test_scaled_rope_follows_llama_3_1():

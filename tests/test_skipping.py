@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import model as M
 import skipping as S
-from model import GPTConfig, attention
+from model import attention
 from models import (V, decode_without_cache, mixed_batches, mixed_gates_model, peaked_model,
                     random_gates_model, skip_tokens_model, tiny)
 from skipping import KVCache, causal_attention, sample_next
@@ -44,7 +44,7 @@ def test_fused_attention_equals_the_plain_one_with_gradients(dtype):
 
 
 def test_plain_definitions_compute_what_the_fast_paths_compute(monkeypatch):
-    """model.use_plain(): model.attention itself runs (a spy counts its calls), no packing, no
+    """use_plain(model): model.attention itself runs (a spy counts its calls), no packing, no
     KV cache; its logits, gates and gradients equal those of the fused kernel, of packed rows
     (skip=True) and of the masked path, and greedy generation gives the same tokens and gates."""
     calls = []
@@ -54,7 +54,7 @@ def test_plain_definitions_compute_what_the_fast_paths_compute(monkeypatch):
     idx = torch.randint(0, V, (3, 32))
     results = []
     for plain, skip in ((True, False), (True, True), (False, False), (False, True)):
-        m.use_plain(plain).zero_grad()
+        S.use_plain(m, plain).zero_grad()
         calls.clear()
         logits, loss, gates = m(idx, idx.roll(-1, 1), skip=skip)
         loss.backward()
@@ -67,7 +67,8 @@ def test_plain_definitions_compute_what_the_fast_paths_compute(monkeypatch):
     outputs = []
     for plain in (True, False):
         calls.clear()
-        out, gates = m.use_plain(plain).generate(idx[:, :8], 12, temperature=0, return_gates=True)
+        out, gates = S.generate(S.use_plain(m, plain), idx[:, :8], 12, temperature=0, return_gates=True,
+                                cached=not plain)
         assert ("cache" in calls) != plain and (1 in calls) == plain
         outputs.append((out, gates))
     assert torch.equal(outputs[0][0], outputs[1][0])
@@ -210,8 +211,8 @@ def cached_logits(m, idx, prompt):
     """Last-position logits of the prompt's prefill and of each token decoded after it (B, n, V)."""
     cache = KVCache(m, idx.size(0), idx.size(1), idx.device)
     with torch.no_grad():
-        steps = [m(idx[:, :prompt], cache=cache, skip=True)[0]]
-        steps += [m(idx[:, t:t + 1], cache=cache, skip=True)[0] for t in range(prompt, idx.size(1))]
+        steps = [S.cached_forward(m, idx[:, :prompt], cache)[0]]
+        steps += [S.cached_forward(m, idx[:, t:t + 1], cache)[0] for t in range(prompt, idx.size(1))]
     return torch.cat(steps, 1)
 
 
@@ -290,7 +291,7 @@ def many_zero_gates_model():
 def test_cached_decoding_matches_full_forward(gated, temperature):
     m = many_zero_gates_model() if gated else tiny(gated=False)
     prompt = torch.randint(0, V, (4, 6))
-    out, gates = m.generate(prompt, 26, temperature=temperature, return_gates=True,
+    out, gates = S.generate(m, prompt, 26, temperature=temperature, return_gates=True,
                             generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, decode_without_cache(m, prompt, 26, temperature, torch.Generator().manual_seed(0)))
     if gated:
@@ -307,11 +308,11 @@ def test_decoding_computes_only_the_pairs_that_run():
     with torch.no_grad():
         full_logits, _, full_gates = m(seq)
         cache = KVCache(m, 3, 32, seq.device)
-        m(seq[:, :8], cache=cache)
+        S.cached_forward(m, seq[:, :8], cache, skip=False)
         calls = []
         for block in m.blocks:  # count rows that reach each layer's Q/K/V projection
             block.attn.wq.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].size(0)))
-        step_logits = [m(seq[:, t:t + 1], cache=cache, skip=True)[0] for t in range(8, 32)]
+        step_logits = [S.cached_forward(m, seq[:, t:t + 1], cache)[0] for t in range(8, 32)]
     assert torch.allclose(torch.cat(step_logits, 1), full_logits[:, 8:], atol=1e-4)
     assert 0.2 < (full_gates[:, :, 8:] == 0).float().mean() < 0.8
     ran = (full_gates[:, :, 8:] > 0).sum().item()
@@ -334,11 +335,11 @@ def test_prefill_skips_exactly_as_decoding_does():
         full_logits, _, full_gates = m(seq)
         for skip in (False, True):
             caches[skip] = KVCache(m, 4, 32, seq.device)
-            _, _, gates = m(seq[:, :P], cache=caches[skip], skip=skip)
+            _, gates = S.cached_forward(m, seq[:, :P], caches[skip], skip)
             assert torch.allclose(gates, full_gates[:, :, :P], atol=1e-5)
         step_logits = []
         for t in range(P, 32):
-            logits, _, gates = m(seq[:, t:t + 1], cache=caches[True], skip=True)
+            logits, gates = S.cached_forward(m, seq[:, t:t + 1], caches[True])
             assert torch.allclose(gates.squeeze(-1), full_gates[:, :, t], atol=1e-5)
             step_logits.append(logits)
     assert torch.allclose(torch.cat(step_logits, 1), full_logits[:, P:], atol=1e-4)
@@ -362,13 +363,13 @@ def test_generate_with_skipping_prefill_matches_full_forward(temperature):
     and gates of full forward passes, and the same as generate(skip=False)."""
     m = mixed_gates_model()
     prompt = mixed_batches()["mixed"][:, :20]
-    out, gates = m.generate(prompt, 12, temperature=temperature, return_gates=True,
+    out, gates = S.generate(m, prompt, 12, temperature=temperature, return_gates=True,
                             generator=torch.Generator().manual_seed(0))
     assert (gates[:, :, :20] == 0).any() and (gates[:, :, :20] > 0).any()
     expected = decode_without_cache(m, prompt, 12, temperature, torch.Generator().manual_seed(0))
     assert torch.equal(out, expected)
     assert torch.allclose(gates, m(out)[2], atol=1e-5)
-    again = m.generate(prompt, 12, temperature=temperature, skip=False,
+    again = S.generate(m, prompt, 12, temperature=temperature, skip=False,
                        generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
 
@@ -378,20 +379,20 @@ def test_greedy_generate_equals_greedy_full_forwards_with_sharp_attention(monkey
     m = peaked_model(n_layer)
     prompt = torch.cat([torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(s))
                         for s in (2, 4)])
-    out, gates = m.generate(prompt, 40, temperature=0, return_gates=True)
+    out, gates = S.generate(m, prompt, 40, temperature=0, return_gates=True)
     assert (gates[:, :, 8:] == 0).float().mean() > 0.2  # the new tokens do skip
     assert torch.equal(out, decode_without_cache(m, prompt, 40, 0.0, None))
     # the same check fails when a closed key is only biased by log(gate_eps), as it once was
     monkeypatch.setattr(M, "CLOSED", math.log(1e-6))
-    assert not torch.equal(m.generate(prompt, 40, temperature=0),
+    assert not torch.equal(S.generate(m, prompt, 40, temperature=0),
                            decode_without_cache(m, prompt, 40, 0.0, None))
 
 
 def test_sampling_is_seeded_and_respects_top_k_top_p():
     m = tiny()
     prompt = torch.randint(0, V, (2, 4))
-    a = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
-    b = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    a = S.generate(m, prompt, 10, generator=torch.Generator().manual_seed(3))
+    b = S.generate(m, prompt, 10, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(200, 1)
     gen = torch.Generator().manual_seed(0)
@@ -412,16 +413,16 @@ def test_long_prompt_is_cropped_and_context_slides():
         m.lm_head.weight.mul_(20)
     prompt = torch.randint(0, V, (2, 40))
     with pytest.warns(UserWarning, match="cropped"):
-        out = m.generate(prompt, 30, temperature=0)
+        out = S.generate(m, prompt, 30, temperature=0)
     assert out.shape == (2, 32 + 30) and torch.equal(out[:, :32], prompt[:, -32:])
     kept = out[:, 33 - 16:33]  # the first new token filled the context; the last 16 are kept
-    assert torch.equal(out[:, 17:], m.generate(kept, 30 - 1, temperature=0))
+    assert torch.equal(out[:, 17:], S.generate(m, kept, 30 - 1, temperature=0))
 
 
 def test_padding_ids_are_never_sampled():
     """vocab_size 64 with a 50-token vocabulary: ids 50-63 are padding. Even when their logits
     are the largest by far, neither greedy nor sampled decoding ever emits one."""
-    m = tiny(data_vocab_size=50)
+    m = tiny()
     with torch.no_grad():
         m.lm_head.weight[50:] = 10 * m.lm_head.weight[:14].sign()
         logits, _, _ = m(torch.randint(0, 50, (2, 8)))
@@ -429,7 +430,6 @@ def test_padding_ids_are_never_sampled():
     prompt = torch.randint(0, 50, (3, 4))
     for kw in (dict(temperature=0), dict(temperature=1.0), dict(temperature=2.0, top_k=60),
                dict(temperature=1.0, top_p=0.99)):
-        out = m.generate(prompt, 40, generator=torch.Generator().manual_seed(0), **kw)
+        out = S.generate(m, prompt, 40, generator=torch.Generator().manual_seed(0), vocab_size=50,
+                         **kw)
         assert out.max() < 50, kw
-    with pytest.raises(ValueError, match="data_vocab_size"):
-        GPTConfig(vocab_size=64, data_vocab_size=65)

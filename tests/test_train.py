@@ -2,6 +2,7 @@
 learning, checkpoints, and the one-line errors. Each run is a real `python train.py ...` in a
 subprocess with a tiny model; the whole file takes a minute or two on a 2-core CPU."""
 
+import concurrent.futures
 import json
 import math
 import re
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,15 +34,57 @@ def data_dir(tmp_path_factory):
     return DATA
 
 
-def run(args, out_dir=None, nproc=0, ok=True):
+def train_command(args, out_dir=None):
     data = [] if any(a.startswith(('--dataset=', '--data_dir=')) for a in args) else [f'--data_dir={DATA}']
-    cmd = [sys.executable, 'train.py', *args, *data] + ([f'--out_dir={out_dir}'] if out_dir else [])
+    return [sys.executable, 'train.py', *args, *data] + ([f'--out_dir={out_dir}'] if out_dir else [])
+
+
+def run(args, out_dir=None, nproc=0, ok=True):
+    cmd = train_command(args, out_dir)
     if nproc:
         cmd[1:2] = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     if ok:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+MANY_RUNS = """
+import contextlib, io, json, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import checkpoints
+results = []
+for argv in json.loads(sys.argv[1]):  # each as `python train.py ARGV` would end, in this process
+    sys.argv, out, err, code = ['train.py'] + argv, io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path('train.py', run_name='__main__')
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+        except Exception as e:
+            sys.excepthook(type(e), e, e.__traceback__)
+            code = 1
+    for lock in checkpoints._held:  # as the process would on exit
+        lock.close()
+    checkpoints._held.clear()
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def train_many(*jobs, ok=True, cwd=ROOT):
+    """run(args, out_dir) for each (args, out_dir) in jobs, one after another in a single process:
+    one start-up (importing torch takes seconds) for all, where the process is not what a test
+    tests. CompletedProcess-likes, in order; with ok, each must succeed."""
+    argvs = [cmd[2:] for cmd in (train_command(*job) for job in jobs)]
+    p = subprocess.run([sys.executable, '-c', MANY_RUNS, json.dumps(argvs)], cwd=cwd, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [subprocess.CompletedProcess(argv, code, out, err)
+               for argv, (code, out, err) in zip(argvs, json.loads(p.stdout.splitlines()[-1]))]
+    for r in results if ok else []:
+        assert r.returncode == 0, (r.args, r.stdout[-2000:], r.stderr[-2000:])
+    return results
 
 
 def records(out_dir, kind):
@@ -111,6 +155,22 @@ def test_presets():
     assert s['n_layer'] == 6 and s['n_embd'] == 384 and s['block_size'] == 256
 
 
+@pytest.mark.parametrize('kw,needle', [
+    (dict(n_layer=3), 'n_layer must be even when gated (got 3)'),
+    (dict(n_embd=30), 'n_embd must divide by n_head=4'),
+    (dict(n_kv_head=3), 'n_kv_head must divide n_head=4'),
+    (dict(n_embd=24, n_head=8), 'n_head must leave an even head dim'),  # head dim 3 is odd
+    (dict(gate_init='ones'), "gate_init must be 'normal' or 'zero'"),
+])
+def test_model_sizes_that_do_not_fit_together_name_the_setting(kw, needle):
+    from configurator import model_config
+    settings = train_settings(*(f'--{k}={v}' for k, v in kw.items()))
+    with pytest.raises(SystemExit, match=re.escape(needle)):
+        model_config(settings, 65)
+    if 'n_layer' in kw:
+        model_config(dict(settings, gated=False), 65)  # an odd dense model is fine
+
+
 def test_help_prints_every_setting_with_its_comment():
     p = subprocess.run([sys.executable, 'train.py', '--help'], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.startswith('Train a GPT that learns to skip')
@@ -127,10 +187,8 @@ def test_resume_is_exact(tmp_path):
     EMA state, so a controller not restored would show."""
     args = TINY + ['--max_iters=12', '--eval_interval=4', '--controller=proportional_derivative', '--ctrl_lr=0.05']
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    run(args, a)
-    run(args + ['--stop_iter=6'], b)
-    assert load(b)['step'] == 6
-    p = run(['--init_from=resume'], b)  # the run's own settings come from its checkpoint
+    *_, p = train_many((args, a), (args + ['--stop_iter=6'], b),
+                       (['--init_from=resume'], b))  # the run's own settings come from its checkpoint
     assert 'resuming from' in p.stdout and 'note: resuming with settings' not in p.stdout
     ra, rb = records(a, 'train'), records(b, 'train')
     assert [r['step'] for r in rb] == list(range(1, 13))
@@ -147,7 +205,10 @@ def test_resume_is_exact(tmp_path):
     ca, cb = load(a), load(b)
     for k, v in ca['model'].items():
         assert torch.equal(v, cb['model'][k]), k
-    assert ca['data_state'] == cb['data_state'] and ca['controller']['steps'] == cb['controller']['steps'] == 12
+    assert ca['data_state'] == cb['data_state']
+    for k in ('mean_coefs', 'var_coefs'):
+        assert torch.equal(ca['controller'][k], cb['controller'][k])
+    assert torch.equal(ca['controller']['memory']['mean']['ema'], cb['controller']['memory']['mean']['ema'])
 
 
 DUMP_RANK = """
@@ -155,7 +216,8 @@ import os, runpy, sys, torch
 sys.path.insert(0, os.getcwd())
 sys.argv = ['train.py'] + sys.argv[1:]
 g = runpy.run_path('train.py', run_name='__main__')  # train.py's globals once it has finished
-torch.save({'controller': g['ctrl'].state_dict(), 'data_state': g['train_stream'].state_dict(),
+from checkpoints import controller_state
+torch.save({'controller': controller_state(g['ctrl']), 'data_state': g['train_stream'].state_dict(),
             'param_sum': sum(p.detach().double().sum().item() for p in g['model'].parameters())},
            os.path.join(g['out_dir'], f"rank{os.environ['RANK']}.pt"))
 """
@@ -242,9 +304,13 @@ def test_skip_true_trains_like_the_masked_path(tmp_path):
                    f'--data_dir={DATA}']
     masked, packed = str(tmp_path / 'masked'), str(tmp_path / 'packed')
     (tmp_path / 'count_packed.py').write_text(COUNT_PACKED)
-    for out, skip in ((masked, 'false'), (packed, 'true')):
-        p = subprocess.run([sys.executable, str(tmp_path / 'count_packed.py'), *args, f'--skip={skip}',
-                            f'--out_dir={out}'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    def counted(out, skip):
+        return subprocess.run([sys.executable, str(tmp_path / 'count_packed.py'), *args, f'--skip={skip}',
+                               f'--out_dir={out}'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    runs = ((masked, 'false'), (packed, 'true'))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda job: counted(*job), runs))
+    for (out, skip), p in zip(runs, results):
         assert p.returncode == 0, p.stderr[-2000:]
         calls = p.stdout.rsplit('skip path: ', 1)[1]
         if skip == 'true':  # 30 steps x 4 layers; 3 evaluations x 8 batches x 4 layers
@@ -267,25 +333,25 @@ def test_a_new_run_never_pushes_aside_a_run_of_another_model(tmp_path):
     """The README's gated run and then its dense baseline, into one out_dir: the second stops
     with one line before training and the gated run stays, for sample.py. A new run of the same
     model keeps the earlier one a generation back, in ckpt.prev.pt."""
-    out = str(tmp_path / 'run')
-    run(TINY + ['--max_iters=3', '--eval_interval=3'], out)
+    out, dense = str(tmp_path / 'run'), str(tmp_path / 'dense')  # the dense baseline's own out_dir
+    train_many((TINY + ['--max_iters=3', '--eval_interval=3'], out),
+               (TINY + ['--gated=false', '--max_iters=3', '--eval_interval=3'], dense))
     before = {f: open(os.path.join(out, f), 'rb').read() for f in files(out)}
-    p = run(TINY + ['--max_iters=3', '--eval_interval=3', '--gated=false'], out, ok=False)
-    line = one_line_error(p, f'{out} holds a run of another model', 'gated=True there, gated=False here',
+    refused = train_many(*[(TINY + ['--max_iters=3', '--eval_interval=3'] + other, out)
+                           for other in (['--gated=false'], ['--n_embd=64'], ['--n_layer=4'])], ok=False)
+    line = one_line_error(refused[0], f'{out} holds a run of another model', 'gated=True there, gated=False here',
                           '--out_dir', f'move {out} elsewhere')
     assert 'delete' not in line and 'remove' not in line
-    assert 'step 1 |' not in p.stdout
+    assert 'step 1 |' not in refused[0].stdout
+    for p in refused[1:]:  # other sizes are other models too
+        one_line_error(p, 'another model')
     assert {f: open(os.path.join(out, f), 'rb').read() for f in files(out)} == before
     p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--max_new_tokens=5'],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and 'gated n_layer=2' in p.stderr, p.stderr
-    for other in (['--n_embd=64'], ['--n_layer=4']):  # other sizes are other models too
-        one_line_error(run(TINY + ['--max_iters=3'] + other, out, ok=False), 'another model')
-    dense = str(tmp_path / 'dense')  # the dense baseline in its own out_dir, then again there
-    run(TINY + ['--gated=false', '--max_iters=3', '--eval_interval=3'], dense)
     assert load(dense)['controller'] is None
     assert all(r['reg'] == 0 and r['sparsity'] == 0 for r in records(dense, 'train'))
-    p = run(TINY + ['--gated=false', '--max_iters=2', '--eval_interval=2'], dense)
+    p = run(TINY + ['--gated=false', '--max_iters=2', '--eval_interval=2'], dense)  # again there
     assert 'ckpt.prev.pt' in p.stdout and torch.load(os.path.join(dense, 'ckpt.prev.pt'))['step'] == 3
     assert load(dense)['step'] == 2 and len(records(dense, 'start')) == 1
 
@@ -297,13 +363,12 @@ def test_failed_starts_in_a_used_out_dir_lose_nothing(tmp_path):
     out = str(tmp_path / 'used')
     run(TINY + ['--max_iters=4', '--eval_interval=4'], out)
     first_log = open(os.path.join(out, 'log.jsonl')).read()
-    for _ in range(2):  # diverges at once: fails long before its first checkpoint (step 200)
-        one_line_error(run(TINY + ['--max_iters=400', '--learning_rate=1e6'], out, ok=False),
-                       'non-finite loss', 'no checkpoint had been written yet')
-        assert files(out) == ['ckpt.pt', 'log.jsonl']
-        assert load(out)['step'] == 4 and open(os.path.join(out, 'log.jsonl')).read() == first_log
-    p = run(TINY + ['--max_iters=2', '--eval_interval=2'], out)
-    assert 'ckpt.prev.pt' in p.stdout and load(out)['step'] == 2
+    diverging = (TINY + ['--max_iters=400', '--learning_rate=1e6'], out)  # fails before step 200's checkpoint
+    *failed, p = train_many(diverging, diverging, (TINY + ['--max_iters=2', '--eval_interval=2'], out), ok=False)
+    for f in failed:
+        one_line_error(f, 'non-finite loss', 'no checkpoint had been written yet')
+    assert files(out) == ['ckpt.prev.pt', 'ckpt.pt', 'log.jsonl', 'log.prev.jsonl']  # the failures left nothing
+    assert p.returncode == 0 and 'ckpt.prev.pt' in p.stdout and load(out)['step'] == 2
     assert torch.load(os.path.join(out, 'ckpt.prev.pt'))['step'] == 4
     assert open(os.path.join(out, 'log.prev.jsonl')).read() == first_log
     assert [r['type'] for r in records(out, 'start')] == ['start']  # the new log: this run only
@@ -354,46 +419,13 @@ def test_sampling_an_undertrained_checkpoint_prints_text(tiny_ckpt):
     assert 'layers run per new token' in p.stdout and len(p.stdout) > 600
 
 
-MANY_RUNS = """
-import contextlib, io, json, os, runpy, sys
-sys.path.insert(0, os.getcwd())
-import configurator
-results = []
-for argv in json.loads(sys.argv[1]):  # each as `python train.py ARGV` would end, in this process
-    sys.argv, err, code = ['train.py'] + argv, io.StringIO(), 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            runpy.run_path('train.py', run_name='__main__')
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
-        except Exception as e:
-            sys.excepthook(type(e), e, e.__traceback__)
-            code = 1
-    for lock in configurator._held:  # as the process would on exit
-        lock.close()
-    configurator._held.clear()
-    results.append([code, err.getvalue()])
-print(json.dumps(results))
-"""
-
-
-def runs_in_one_process(argvs):
-    """How `python train.py ARGV` ends for each ARGV (all failing early), run one after another
-    in a single process to spare a torch import each: a CompletedProcess-like per run."""
-    p = subprocess.run([sys.executable, '-c', MANY_RUNS, json.dumps(argvs)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return [subprocess.CompletedProcess(argv, code, '', err)
-            for argv, (code, err) in zip(argvs, json.loads(p.stdout.splitlines()[-1]))]
-
-
 def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
     out, data = f'--out_dir={tmp_path / "out"}', f'--data_dir={DATA}'
     cases = [
         (['--n_layr=4'], "unknown setting 'n_layr'", 'n_layer'),
         (['--n_layer=four'], 'n_layer must be int', "'four'"),
         (['--dataset=nosuchdata', out], 'data/nosuchdata: no such data directory', 'python prepare.py'),
-        (TINY + ['--vocab_size=50', out, data], 'vocab_size=50', 'meta.json'),
+        (TINY + ['--vocab_size=50', out, data], "vocab_size must hold the data's 80 tokens", '50'),
         (TINY + ['--tokens_per_step=100', out, data], 'tokens_per_step=100'),
         (TINY + ['--init_from=resume', out, data], 'no checkpoint'),
         # this run against the checkpoint's: the setting is named
@@ -403,17 +435,17 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
         (['--init_from=resume', '--gated=false', f'--out_dir={tiny_ckpt}'], 'gated'),
         (['--init_from=resume', '--controller=adaptive', f'--out_dir={tiny_ckpt}'],
          "controller is 'proportional'", '--controller=proportional'),
-        # settings that only train.py, GPTConfig or GateController can judge
+        # settings that cannot work
         (TINY + ['--controller=pid', out, data], 'controller must be one of', "'pid'"),
         (TINY + ['--dtype=fp8', out, data], "dtype must be", "'fp8'"),
         (TINY + ['--warmup_frac=1.5', out, data], 'warmup_frac must be in [0, 1)', '1.5'),
         (TINY + ['--batch_size=0', out, data], 'batch_size must be positive', '0'),
-        (TINY + ['--n_layer=3', out, data], 'GPTConfig.n_layer', 'even', '3'),
+        (TINY + ['--n_layer=3', out, data], 'n_layer must be even when gated', '3'),
         (TINY + ['--ctrl_coef=much', out, data], 'ctrl_coef must be a number, or None'),
-        (TINY + ['--ctrl_target_end=1.5', out, data], 'controller targets must be in [0, 1]'),
-        (TINY + ['--skip=true', '--plain=true', out, data], '--skip=true and --plain=true'),
+        (TINY + ['--ctrl_target_end=1.5', out, data], 'ctrl_target_end must be in [0, 1]', '1.5'),
+        (TINY + ['--skip=true', '--plain=true', out, data], 'skip cannot be true with --plain=true'),
     ]
-    for p, (argv, *needles) in zip(runs_in_one_process([c[0] for c in cases]), cases):
+    for p, (argv, *needles) in zip(train_many(*[(c[0],) for c in cases], ok=False), cases):
         one_line_error(p, *needles)
     assert sorted(os.listdir(tmp_path)) == ['out']  # nothing written anywhere else
 
@@ -427,8 +459,7 @@ def test_gate_variance_is_pooled_over_the_whole_step(tmp_path):
     does (the mean of the micro-steps' variances would not: their means differ)."""
     args = TINY + ['--max_iters=1', '--eval_interval=1', '--ctrl_lr=1.0', '--ctrl_tol=0']
     one, four = str(tmp_path / 'one'), str(tmp_path / 'four')
-    run(args + ['--batch_size=8'], one)
-    run(args + ['--batch_size=2', '--tokens_per_step=256'], four)
+    train_many((args + ['--batch_size=8'], one), (args + ['--batch_size=2', '--tokens_per_step=256'], four))
     a, b = records(one, 'train')[0], records(four, 'train')[0]
     assert any(abs(c) > 1e-3 for c in a['var_coefs'])
     assert b['var_coefs'] == pytest.approx(a['var_coefs'], abs=1e-6)
@@ -459,11 +490,12 @@ def test_full_disk_at_a_checkpoint_loses_nothing(tmp_path):
 @pytest.mark.slow
 def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(tiny_ckpt, tmp_path):
     log_before = open(os.path.join(tiny_ckpt, 'log.jsonl')).read()
-    p = run(TINY + ['--eval_only', '--max_iters=77', '--wandb_log=true'], tiny_ckpt)  # no wandb here
+    empty = tmp_path / 'empty'
+    p, refused = train_many((TINY + ['--eval_only', '--max_iters=77', '--wandb_log=true'], tiny_ckpt),  # no wandb
+                            (TINY + ['--eval_only'], str(empty)), ok=False)
     assert 'eval step 4 |' in p.stdout and 'note: resuming with settings' not in p.stdout
     assert open(os.path.join(tiny_ckpt, 'log.jsonl')).read() == log_before
-    empty = tmp_path / 'empty'
-    one_line_error(run(TINY + ['--eval_only'], str(empty), ok=False), '--eval_only', 'no ckpt.pt')
+    one_line_error(refused, '--eval_only', 'no ckpt.pt')
     assert not empty.exists()
 
 
@@ -516,7 +548,7 @@ def test_out_dir_and_device_mistakes_stop_before_any_work(tmp_path):
         out = [f'--out_dir={tmp_path / "o"}'] if script != 'bench.py' else []
         p = subprocess.run([sys.executable, script, '--device=mps', *out], cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=120)
-        one_line_error(p, "device='mps' but MPS is not available here", '--device=cpu')
+        one_line_error(p, "device='mps' is not available here", '--device=cpu')
 
 
 def free_port():
@@ -541,14 +573,15 @@ def test_two_nodes_prepare_train_and_exit_cleanly(tmp_path):
                                    '--max_iters=6', '--eval_interval=6', f'--out_dir=out{attempt}'],
                                   cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True) for r in (0, 1)]
-        try:
-            results = [n.communicate(timeout=240) for n in nodes]
-        finally:  # a hung node must not outlive the test (it would hold its port)
-            for n in nodes:
-                if n.poll() is None:
-                    os.killpg(n.pid, signal.SIGKILL)
-        for node, (out, err) in zip(nodes, results):
-            assert node.returncode == 0, (attempt, out[-1500:], err[-1500:])
+        deadline = time.time() + 240
+        while (time.time() < deadline and any(n.poll() is None for n in nodes)
+               and not any(n.returncode for n in nodes)):
+            time.sleep(0.2)
+        for n in nodes:  # a node left running (hung, or its peer failed) must not outlive the test
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+        results = [n.communicate() for n in nodes]
+        assert all(n.returncode == 0 for n in nodes), (attempt, [(out[-1500:], err[-1500:]) for out, err in results])
         assert 'ddp gloo' in results[0][0] and load(tmp_path / f'out{attempt}')['step'] == 6
 
 
@@ -572,33 +605,42 @@ def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
     args = ['--block_size=32', '--batch_size=4', '--eval_tokens=512', '--log_interval=1',
             f'--data_dir={data}', f'--init_from={release}']
     out = tmp_path / 'tuned'
-    p = run(args + ['--eval_only'], str(out))
-    assert 'eval step 0 | val ce' in p.stdout and 'hide_closed_keys=False' in p.stdout
-    assert not out.exists()
-    run(args + ['--max_iters=6', '--stop_iter=3', '--eval_interval=3'], str(out))
+    evaluated = tmp_path / 'evaluated'
+    p, refused, tuned, resumed = train_many(
+        (args + ['--eval_only'], str(evaluated)), (TINY + [f'--init_from={release}'], str(tmp_path / 'char')),
+        (args + ['--max_iters=6', '--stop_iter=3', '--eval_interval=3'], str(out)),
+        (['--block_size=32', '--batch_size=4', '--eval_tokens=512', '--max_iters=6', '--eval_interval=3',
+          f'--data_dir={data}', '--init_from=resume'], str(out)), ok=False)
+    assert p.returncode == 0 and 'eval step 0 | val ce' in p.stdout and 'hide_closed_keys=False' in p.stdout
+    assert not evaluated.exists()
+    one_line_error(refused, 'reads GPT-2 tokens', 'char tokens')
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
     saved = load(out)['model_args']
     assert (saved['n_embd'], saved['n_layer'], saved['hide_closed_keys']) == (64, 4, False)
-    p = run(['--block_size=32', '--batch_size=4', '--eval_tokens=512', '--max_iters=6',
-             '--eval_interval=3', f'--data_dir={data}', '--init_from=resume'], str(out))
-    assert 'resuming from' in p.stdout and load(out)['step'] == 6
-    one_line_error(run(TINY + [f'--init_from={release}'], str(tmp_path / 'char'), ok=False),
-                   'reads GPT-2 tokens', 'char tokens')
+    assert resumed.returncode == 0 and 'resuming from' in resumed.stdout and load(out)['step'] == 6
 
 
 # ----------------------------------------------------------------------------- the seams: settings
 # through the scripts that read them
 
+@pytest.fixture(scope='module')
+def controller_runs(tmp_path_factory):
+    """A 6-step run of each kind of controller, two at a time: their out_dirs by kind."""
+    outs = {kind: str(tmp_path_factory.mktemp('ctrl') / kind) for kind in controller_kinds()}
+    train_many(*[(TINY + ['--n_layer=4', '--max_iters=6', '--eval_interval=6', f'--controller={kind}'], out)
+                 for kind, out in outs.items()])
+    return outs
+
+
 @pytest.mark.parametrize('kind', controller_kinds())  # a new rule is tested the moment it exists
 @pytest.mark.slow
-def test_each_controller_regularizes_through_train_py(tmp_path, kind):
+def test_each_controller_regularizes_through_train_py(controller_runs, kind):
     """Each kind, run by train.py: the logged regularizer of every step is what the README's
     table says, from that step's gates (logged per layer) and the coefficients in force. Fixed
     kinds: their c and k (FIXED, whose values test_model.py holds to the README), all
     along. Target kinds: c and k start at 0 and move. The loss uses each micro-batch's unbiased
     variance; the log pools the step's (biased) one."""
-    out = str(tmp_path / kind)
-    run(TINY + ['--n_layer=4', '--max_iters=6', '--eval_interval=6', f'--controller={kind}'], out)
-    steps = records(out, 'train')
+    steps = records(controller_runs[kind], 'train')
     n = 4 * 32  # gates per layer in a step: batch 4 x block 32
     t = torch.tensor([1.0, 0.5, 0.5, 1.0], dtype=torch.float64)  # mean targets: 1.0 -> 0.5, mirrored
     coefs = (torch.zeros(4, dtype=torch.float64),) * 2
@@ -661,21 +703,21 @@ def test_readme_commands_are_safe_in_the_order_shown():
 @pytest.mark.slow
 def test_explicit_fixed_coefficients_including_zero(tmp_path):
     """--ctrl_coef and --ctrl_var_coef replace a fixed kind's defaults, 0 like any other value."""
-    for coefs, kind in (((0.0, 0.0), 'sparsity'), ((0.05, 0.02), 'sparsity_variance')):
-        out = str(tmp_path / kind)
-        run(TINY + ['--max_iters=2', '--eval_interval=2', f'--controller={kind}',
-                    f'--ctrl_coef={coefs[0]}', f'--ctrl_var_coef={coefs[1]}'], out)
-        for r in records(out, 'train'):
+    cases = (((0.0, 0.0), 'sparsity'), ((0.05, 0.02), 'sparsity_variance'))
+    target = str(tmp_path / 'proportional')
+    train_many(*[(TINY + ['--max_iters=2', '--eval_interval=2', f'--controller={kind}', f'--ctrl_coef={coefs[0]}',
+                          f'--ctrl_var_coef={coefs[1]}'], str(tmp_path / kind)) for coefs, kind in cases],
+               (TINY + ['--max_iters=1', '--eval_interval=1', '--ctrl_coef=0.02', '--ctrl_var_coef=-0.01'], target),
+               (['--init_from=resume', '--max_iters=4', '--ctrl_coef=0.03'], str(tmp_path / 'sparsity')))
+    for coefs, kind in cases:
+        for r in records(str(tmp_path / kind), 'train')[:2]:  # before the resume below
             mu, var = torch.tensor(r['gate_mean']), torch.tensor(r['gate_var']) * 128 / 127
             assert r['mean_coefs'] == pytest.approx([coefs[0]] * 2)
             assert r['reg'] == pytest.approx((coefs[0] * mu + coefs[1] * var).mean().item(), rel=1e-5, abs=0)
     # a fixed kind's coefficients are settings: a resume that changes one uses the new value
-    run(['--init_from=resume', '--max_iters=4', '--ctrl_coef=0.03'], str(tmp_path / 'sparsity'))
     assert [r['mean_coefs'] for r in records(str(tmp_path / 'sparsity'), 'train')][-1] == pytest.approx([0.03] * 2)
     # a target kind starts from them (and then moves them)
-    out = str(tmp_path / 'proportional')
-    run(TINY + ['--max_iters=1', '--eval_interval=1', '--ctrl_coef=0.02', '--ctrl_var_coef=-0.01'], out)
-    r = records(out, 'train')[0]
+    r = records(target, 'train')[0]
     mu, var = torch.tensor(r['gate_mean']), torch.tensor(r['gate_var']) * 128 / 127
     assert r['reg'] == pytest.approx((0.02 * mu - 0.01 * var).mean().item(), rel=1e-5, abs=0)
 
@@ -713,15 +755,15 @@ def test_gradient_accumulation_averages_the_micro_steps(tmp_path):
     at 0.05 changes the steps."""
     args = TINY + ['--max_iters=5', '--eval_interval=5', '--adam_eps=0.01']
     one, four, clipped = str(tmp_path / 'one'), str(tmp_path / 'four'), str(tmp_path / 'clipped')
-    run(args + ['--batch_size=8', '--grad_clip=2.0'], one)
-    p = run(args + ['--batch_size=2', '--tokens_per_step=256', '--grad_clip=2.0'], four)
+    _, p, _ = train_many((args + ['--batch_size=8', '--grad_clip=2.0'], one),
+                           (args + ['--batch_size=2', '--tokens_per_step=256', '--grad_clip=2.0'], four),
+                           (args + ['--batch_size=8', '--grad_clip=0.05'], clipped))
     assert '1 procs x 4 accum x 2 x 32' in p.stdout
     assert [r['loss'] for r in records(four, 'train')] == pytest.approx(
         [r['loss'] for r in records(one, 'train')], rel=1e-5)
     a, b = load(one)['model'], load(four)['model']
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
-    run(args + ['--batch_size=8', '--grad_clip=0.05'], clipped)
     assert not torch.allclose(a['lm_head.weight'], load(clipped)['model']['lm_head.weight'], atol=1e-4)
 
 
@@ -765,7 +807,7 @@ def test_schedule_settings_shape_the_learning_rate(tmp_path):
     p = run(TINY + ['--max_iters=0', '--eval_interval=100', '--learning_rate=2e-3', '--warmup_frac=0.25',
                     '--warmup_start=0.5', '--min_lr_frac=0.1', f'--data_dir={data}'], out)
     n = 3420 // 128
-    assert f'; {n} steps;' in p.stdout
+    assert f'; {n} steps\n' in p.stdout
     warm = int(0.25 * n)
     want = [2e-3 * (0.5 + 0.5 * i / warm) for i in range(warm)]
     want += [2e-4 + 0.5 * (1 + math.cos(math.pi * (i - warm) / (n - warm))) * 1.8e-3 for i in range(warm, n)]
@@ -831,14 +873,15 @@ def test_a_dense_start_and_visible_keys(tmp_path):
     """gate_init=zero: every gate is exactly 1 and stays so (no gradient reaches the heads);
     hide_closed_keys=false trains on the masked path and is saved with the model."""
     out = str(tmp_path / 'zero')
-    p = run(TINY + ['--max_iters=3', '--eval_interval=3', '--gate_init=zero', '--hide_closed_keys=false'], out)
-    assert 'gated, skip off (masked)' in p.stdout
+    p, refused = train_many((TINY + ['--max_iters=3', '--eval_interval=3', '--gate_init=zero',
+                                     '--hide_closed_keys=false'], out),
+                            (TINY + ['--skip=true', '--hide_closed_keys=false'], str(tmp_path / 'x')), ok=False)
+    assert p.returncode == 0 and 'gated, skip off (masked)' in p.stdout
     assert all(r['gate_mean'] == [1.0, 1.0] and r['sparsity'] == 0 for r in records(out, 'train'))
     ckpt = load(out)
     assert ckpt['model_args']['gate_init'] == 'zero' and ckpt['model_args']['hide_closed_keys'] is False
     assert not ckpt['model']['gate_heads.0.weight'].any() and not ckpt['model']['gate_heads.0.bias'].any()
-    one_line_error(run(TINY + ['--skip=true', '--hide_closed_keys=false'], str(tmp_path / 'x'), ok=False),
-                   '--skip=true needs closed keys hidden')
+    one_line_error(refused, 'skip cannot be true with --hide_closed_keys=false')
 
 
 def test_ctrl_settings_reach_the_controller_or_else_its_rule():
@@ -982,8 +1025,9 @@ def test_plain_definitions_train_and_sample_like_the_fast_paths(tmp_path):
     the fused kernel, and the same greedy sample."""
     args = TINY + ['--n_layer=4', '--max_iters=20', '--eval_interval=20', '--ctrl_lr=0.5']
     fast, plain = str(tmp_path / 'fast'), str(tmp_path / 'plain')
-    assert 'gated, skip on,' in run(args, fast).stdout
-    assert 'gated, skip off (masked), plain definitions,' in run(args + ['--plain=true'], plain).stdout
+    p_fast, p_plain = train_many((args, fast), (args + ['--plain=true'], plain))
+    assert 'gated, skip on;' in p_fast.stdout
+    assert 'gated, skip off (masked), plain definitions;' in p_plain.stdout
     a, b = records(fast, 'train'), records(plain, 'train')
     assert max(r['sparsity'] for r in a) > 0.2
     assert [r['loss'] for r in b] == pytest.approx([r['loss'] for r in a], rel=1e-4)
@@ -1004,9 +1048,7 @@ def test_proportional_integral_through_train_py_and_a_resume(tmp_path):
     args = TINY + ['--n_layer=4', '--max_iters=8', '--eval_interval=4', '--controller=proportional_integral',
                    '--ctrl_lr=0.05', '--ctrl_tol=0']
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    run(args, a)
-    run(args + ['--stop_iter=4'], b)
-    run(['--init_from=resume'], b)
+    train_many((args, a), (args + ['--stop_iter=4'], b), (['--init_from=resume'], b))
     ra, rb = records(a, 'train'), records(b, 'train')
     assert [r['mean_coefs'] for r in ra] == [r['mean_coefs'] for r in rb] and len(ra) == 8
     t = torch.tensor([1.0, 0.5, 0.5, 1.0], dtype=torch.float64)
