@@ -9,6 +9,8 @@ with one line, and that nothing in the folder is lost.
             stopped by a signal, a checkpoint from an older version (it names attn_backend)
 """
 
+import concurrent.futures
+import importlib.util
 import json
 import os
 import shutil
@@ -76,13 +78,20 @@ def folders(tmp_path_factory):
     made = {'empty': base / 'empty'}
     made['empty'].mkdir()
     char_run = TINY + [f'--data_dir={char}', '--eval_interval=2']
-    train(char_run + ['--max_iters=2'], made.setdefault('same model', base / 'same'))
-    train(char_run + ['--max_iters=4', '--stop_iter=2', '--n_layer=4', '--gated=false'],
-          made.setdefault('another model', base / 'another'))
     (base / 'wandb.py').write_text(WANDB)  # a stand-in: the run logs to "wandb", which then is gone
-    train(char_run + ['--max_iters=4', '--stop_iter=2', '--wandb_log=true'], made.setdefault('wandb run', base / 'wandb'),
-          env=dict(ENV, PYTHONPATH=str(base)))
-    assert torch.load(base / 'wandb' / 'ckpt.pt')['config']['wandb_log'] is True
+    release_run = FROM_RELEASE + [f'--data_dir={gpt2}', f'--init_from={RELEASE}', '--max_iters=2',
+                                  '--eval_interval=2']
+    runs = {'same model': (char_run + ['--max_iters=2'], ENV),
+            'another model': (char_run + ['--max_iters=4', '--stop_iter=2', '--n_layer=4', '--gated=false'], ENV),
+            'wandb run': (char_run + ['--max_iters=4', '--stop_iter=2', '--wandb_log=true'],
+                          dict(ENV, PYTHONPATH=str(base))),
+            'older version': (char_run + ['--max_iters=4', '--stop_iter=2', '--controller=sparsity'], ENV),
+            'same release': (release_run, ENV)}
+    for name in runs:
+        made[name] = base / name.replace(' ', '_')
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one thread each, two cores
+        list(pool.map(lambda name: train(runs[name][0], made[name], env=runs[name][1]), runs))
+    assert torch.load(base / 'wandb_run' / 'ckpt.pt')['config']['wandb_log'] is True
     signalled = made.setdefault('stopped by a signal', base / 'signalled')
     proc = subprocess.Popen([sys.executable, 'train.py', *char_run, '--max_iters=1000', '--eval_interval=1000',
                              f'--out_dir={signalled}'], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
@@ -92,8 +101,7 @@ def folders(tmp_path_factory):
             break
     proc.communicate(timeout=120)
     assert proc.returncode == 0 and torch.load(signalled / 'ckpt.pt')['step'] >= 2
-    older = made.setdefault('older version', base / 'older')
-    train(char_run + ['--max_iters=4', '--stop_iter=2', '--controller=sparsity'], older)
+    older = made['older version']
     ckpt = torch.load(older / 'ckpt.pt', weights_only=True)  # as the code before 2026-12-02 wrote it
     ckpt['model_args']['attn_backend'] = ckpt['config']['attn_backend'] = 'auto'
     ckpt['config'].update(ctrl_coef=0.0, ctrl_var_coef=0.0)  # 0 then meant "the kind's default"
@@ -101,9 +109,6 @@ def folders(tmp_path_factory):
     state['ema'] = {name: torch.zeros(2) for name in ('mean', 'var')}
     del state['memory']
     torch.save(ckpt, older / 'ckpt.pt')
-    release_run = FROM_RELEASE + [f'--data_dir={gpt2}', f'--init_from={RELEASE}', '--max_iters=2',
-                                  '--eval_interval=2']
-    train(release_run, made.setdefault('same release', base / 'same_release'))
     return made, char, gpt2
 
 
@@ -127,13 +132,9 @@ def command(mode, out, char, gpt2, stop):
     return ['sample.py', f'--out_dir={out}', '--max_new_tokens=5', '--no_color']
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('holds', HOLDS)
-@pytest.mark.parametrize('mode', MODES)
-def test_mode_with_what_out_dir_holds(folders, tmp_path, mode, holds):
-    pytest.importorskip('safetensors') if mode.startswith('release') else None
+def run_cell(mode, holds, folders, out):
+    """Puts in out what the cell's out_dir holds, runs its command: (before, process, step, stop)."""
     made, char, gpt2 = folders
-    out = tmp_path / 'out'
     source = made.get('same release' if mode.startswith('release') and holds == 'same model' else holds)
     if source is not None:
         shutil.copytree(source, out)
@@ -142,13 +143,34 @@ def test_mode_with_what_out_dir_holds(folders, tmp_path, mode, holds):
     step, stop = saved['step'], min(saved['step'] + 2, saved['config']['max_iters'])  # 2 more steps at most
     p = subprocess.run([sys.executable, *command(mode, out, char, gpt2, stop)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
+    return before, p, step, stop, source is not None
+
+
+@pytest.fixture(scope='module')
+def cells(folders, tmp_path_factory):
+    """Every cell's command, two at a time (each with one thread): the sweep is a few hundred
+    processes' start-up, which two cores share."""
+    names = [(mode, holds) for mode in MODES for holds in HOLDS
+             if not mode.startswith('release') or importlib.util.find_spec('safetensors')]
+    outs = {cell: tmp_path_factory.mktemp('cell') / 'out' for cell in names}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = pool.map(lambda cell: run_cell(*cell, folders, outs[cell]), names)
+        return {cell: (outs[cell], *result) for cell, result in zip(names, results)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('holds', HOLDS)
+@pytest.mark.parametrize('mode', MODES)
+def test_mode_with_what_out_dir_holds(cells, mode, holds):
+    pytest.importorskip('safetensors') if mode.startswith('release') else None
+    out, before, p, step, stop, existed = cells[mode, holds]
     after, expect = contents(out), EXPECT[mode][holds]
     said = p.stdout + p.stderr
     assert 'delete' not in said and 'Traceback' not in said, said[-2000:]
     if expect in ('evaluates', 'samples'):
         assert p.returncode == 0, said[-2000:]
         assert ('eval step' if expect == 'evaluates' else 'layers run per new token') in p.stdout
-        assert after == before and out.exists() == (source is not None)  # nothing written, nothing made
+        assert after == before and out.exists() == existed  # nothing written, nothing made
     elif expect == 'trains':
         assert p.returncode == 0, said[-2000:]
         assert torch.load(out / 'ckpt.pt')['step'] == 2
@@ -170,4 +192,4 @@ def test_mode_with_what_out_dir_holds(folders, tmp_path, mode, holds):
     else:  # a one-line error, and nothing changed or made
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and expect in lines[0], said[-2000:]
-        assert after == before and out.exists() == (source is not None)
+        assert after == before and out.exists() == existed
