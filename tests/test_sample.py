@@ -18,8 +18,8 @@ CHARS = sorted("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
-def write_checkpoint(out_dir, gated=True, meta=None):
-    cfg = GPTConfig(vocab_size=len(CHARS), block_size=64, n_layer=4, n_head=2, n_kv_head=1, n_embd=32, gated=gated)
+def write_checkpoint(out_dir, gated=True, meta=None, vocab_size=len(CHARS)):
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=4, n_head=2, n_kv_head=1, n_embd=32, gated=gated)
     torch.manual_seed(0)
     m = GPT(cfg)
     if gated:
@@ -28,6 +28,8 @@ def write_checkpoint(out_dir, gated=True, meta=None):
             m.tok_emb.weight[CHARS.index("a"):CHARS.index("n"), 0] = 1.0
             m.gate_heads[1].weight.zero_()
             m.gate_heads[1].weight[0, 0] = 100.0
+    with torch.no_grad():  # padding ids (the model's beyond the data's) get the largest logits
+        m.lm_head.weight[len(CHARS):] = 10 * m.lm_head.weight[:vocab_size - len(CHARS)].sign()
     meta = meta or {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"model": m.state_dict(), "model_args": dict(vars(cfg)), "meta": meta, "step": 7},
@@ -56,6 +58,14 @@ def test_samples_are_reproducible_with_a_seed(tmp_path, capsys):
     assert first.startswith("ROMEO:")
     assert samples(5) == first
     assert samples(6) != first
+
+
+def test_padding_ids_are_never_sampled(tmp_path, capsys):
+    """A model whose vocabulary is padded beyond the data's (as train.py rounds it up to 64)
+    never samples a padding id, even when those have the largest logits."""
+    write_checkpoint(tmp_path, vocab_size=64)
+    run(tmp_path, "--start=ab", "--temperature=2.0", "--max_new_tokens=60")
+    assert capsys.readouterr().out.startswith("ab")
 
 
 def test_prompt_from_file(tmp_path, capsys):

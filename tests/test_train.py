@@ -440,6 +440,7 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, tmp_path):
         (TINY + ['--dtype=fp8', out, data], "dtype must be", "'fp8'"),
         (TINY + ['--warmup_frac=1.5', out, data], 'warmup_frac must be in [0, 1)', '1.5'),
         (TINY + ['--batch_size=0', out, data], 'batch_size must be positive', '0'),
+        (TINY + ['--gate_eps=0', out, data], 'gate_eps must be positive'),
         (TINY + ['--n_layer=3', out, data], 'n_layer must be even when gated', '3'),
         (TINY + ['--ctrl_coef=much', out, data], 'ctrl_coef must be a number, or None'),
         (TINY + ['--ctrl_target_end=1.5', out, data], 'ctrl_target_end must be in [0, 1]', '1.5'),
