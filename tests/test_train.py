@@ -2,7 +2,6 @@
 learning, checkpoints, and the one-line errors. Each run is a real `python train.py ...` in a
 subprocess with a tiny model; the whole file takes a minute or two on a 2-core CPU."""
 
-import concurrent.futures
 import json
 import math
 import re
@@ -304,13 +303,9 @@ def test_skip_true_trains_like_the_masked_path(tmp_path):
                    f'--data_dir={DATA}']
     masked, packed = str(tmp_path / 'masked'), str(tmp_path / 'packed')
     (tmp_path / 'count_packed.py').write_text(COUNT_PACKED)
-    def counted(out, skip):
-        return subprocess.run([sys.executable, str(tmp_path / 'count_packed.py'), *args, f'--skip={skip}',
-                               f'--out_dir={out}'], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    runs = ((masked, 'false'), (packed, 'true'))
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda job: counted(*job), runs))
-    for (out, skip), p in zip(runs, results):
+    for out, skip in ((masked, 'false'), (packed, 'true')):
+        p = subprocess.run([sys.executable, str(tmp_path / 'count_packed.py'), *args, f'--skip={skip}',
+                            f'--out_dir={out}'], cwd=ROOT, env=ENV, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         calls = p.stdout.rsplit('skip path: ', 1)[1]
         if skip == 'true':  # 30 steps x 4 layers; 3 evaluations x 8 batches x 4 layers
