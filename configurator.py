@@ -81,8 +81,9 @@ def configure(scope, argv=None):
 
 
 def _one_line_errors(kind, error, tb):
-    if issubclass(kind, ValueError) and kind.__module__ in ('data', 'checkpoints'):
-        print(f"error: {error}", file=sys.stderr)  # DataError, CheckpointError: one line
+    if (issubclass(kind, ValueError) and kind.__module__ in ('data', 'checkpoints')
+            or issubclass(kind, NotImplementedError) and 'not written yet' in str(error)):
+        print(f"error: {error}", file=sys.stderr)  # DataError, CheckpointError, an exercise
     elif issubclass(kind, BrokenPipeError):  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     else:

@@ -207,7 +207,7 @@ class GPT(nn.Module):
         x = self.norm_in(self.tok_emb(idx))  # (B, T, d)
         layer = functools.partial(self.layer, cos=self.rope_cos[:T], sin=self.rope_sin[:T],
                                   skip=skip, norms=norms)
-        x, gates = self.gate_loop(x, layer)
+        x, gates = self.run_layers(x, layer)
         logits = self.lm_head(self.norm_out(x))
         loss = None
         if targets is not None:
@@ -215,21 +215,28 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss, (torch.stack(gates).squeeze(-1) if gates else None)
 
+    def run_layers(self, x, layer):
+        """Every layer over x (B, T, d) through layer(i, block, x, g), which runs block as layer i
+        with gate g and returns the stream: the gate loop, or in a dense model each layer with
+        g = 1.0. Returns the last stream and the gates (none for a dense model)."""
+        if self.config.gated:
+            return self.gate_loop(x, layer)
+        for i, block in enumerate(self.blocks):
+            x = layer(i, block, x, 1.0)
+        return x, []
+
     def gate_loop(self, x, layer):
-        """The method's loop over the layers: x (B, T, d) in; out, the last layer's stream and the
-        gates (L tensors (B, T, 1); none for a dense model). Layer i < L/2 gets its gate from
-        next_gate, carrying the running sum; layer L-1-i reuses layer i's (the mirror).
-        layer(i, block, x, g) runs block as layer i with gate g (1.0 if dense), returning x."""
-        cfg, L = self.config, self.config.n_layer
+        """The method's loop over the layers of a gated model: x (B, T, d) in; out, the last
+        layer's stream and the gates, L tensors (B, T, 1). Layer i < L/2 gets its gate from
+        next_gate, carrying the running sum; layer L-1-i reuses layer i's (the mirror)."""
+        L = self.config.n_layer
         gates, m = [], 0.0
         for i, block in enumerate(self.blocks):
-            g = 1.0  # a dense model: every token runs every layer
-            if cfg.gated:
-                if i < L // 2:
-                    g, m = next_gate(self.gate_heads[i], x, m)  # (B, T, 1)
-                else:
-                    g = gates[L - 1 - i]  # the mirror: layer L-1-i reuses layer i's gate
-                gates.append(g)
+            if i < L // 2:
+                g, m = next_gate(self.gate_heads[i], x, m)  # (B, T, 1)
+            else:
+                g = gates[L - 1 - i]  # the mirror: layer L-1-i reuses layer i's gate
+            gates.append(g)
             x = layer(i, block, x, g)
         return x, gates
 
@@ -356,7 +363,7 @@ class GateController:
             raise ValueError(f"controller must be one of {', '.join(controller_kinds())}; "
                              f"got {kind!r}")
         self.kind, self.lr, self.tol, self.limits = kind, lr, tol, (coef_min, coef_max)
-        self.rule_args = rule_args
+        self.rule, self.rule_args = TARGET_RULES.get(kind), rule_args  # rule None: a fixed kind
         targets = gate_targets(n_layer, target_start, target_end, var_target_delta)
         self.mean_targets, self.var_targets = (t.to(device) for t in targets)
         c, k = FIXED.get(kind, (0.0, 0.0))
@@ -377,17 +384,14 @@ class GateController:
         return (self.mean_coefs * means).mean() + (self.var_coefs * variances).mean()
 
     def update(self, means, variances):
-        """One step of the rule from a whole optimizer step's gate means and variances (L,),
-        none for a fixed kind: with d the errors from the targets, each coefficient moves by
+        """One step of a target kind's rule from a whole optimizer step's gate means and
+        variances (L,): with d the errors from the targets, each coefficient moves by
         lr * rule(d, memory, **rule_args) where |d| > tol and is clamped to the limits. The
         means move mean_coefs and the variances var_coefs, each with its own memory."""
-        if self.kind in FIXED:
-            return
-        rule = TARGET_RULES[self.kind]
         d_mean = means.to(self.mean_targets) - self.mean_targets  # (L,)
         d_var = variances.to(self.var_targets) - self.var_targets
-        step_mean = self.lr * rule(d_mean, self.memory["mean"], **self.rule_args)
-        step_var = self.lr * rule(d_var, self.memory["var"], **self.rule_args)
+        step_mean = self.lr * self.rule(d_mean, self.memory["mean"], **self.rule_args)
+        step_var = self.lr * self.rule(d_var, self.memory["var"], **self.rule_args)
         self.mean_coefs = (self.mean_coefs + step_mean * (d_mean.abs() > self.tol)).clamp(
             *self.limits)
         self.var_coefs = (self.var_coefs + step_var * (d_var.abs() > self.tol)).clamp(*self.limits)

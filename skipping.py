@@ -149,7 +149,7 @@ def cached_forward(model, idx, cache, skip=True):
     x = model.norm_in(model.tok_emb(idx))
     layer = functools.partial(cached_layer, model=model, cache=cache, skip=skip,
                               cos=model.rope_cos[positions], sin=model.rope_sin[positions])
-    x, gates = model.gate_loop(x, layer)
+    x, gates = model.run_layers(x, layer)
     cache.length = positions.stop
     return model.lm_head(model.norm_out(x[:, -1:])), (torch.stack(gates).squeeze(-1) if gates
                                                         else None)

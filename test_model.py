@@ -203,11 +203,10 @@ def test_gate_loop_closes_the_middle_from_the_inside_out():
     assert torch.equal(g, g.flip(0)) and (g[1:4] <= g[:3]).all()
 
 
-@pytest.mark.gate_loop
-def test_gate_loop_of_a_dense_model_runs_every_layer_with_gate_one():
+def test_a_dense_model_runs_every_layer_with_gate_one():
     m = stream_reading_model(3, gated=False)
     calls = []
-    out, gates = m.gate_loop(torch.zeros(1, 2, 32), adding_layer(calls))
+    out, gates = m.run_layers(torch.zeros(1, 2, 32), adding_layer(calls))
     assert calls == [(i, block, 1.0) for i, block in enumerate(m.blocks)] and gates == []
     assert out[0, :, 0].tolist() == pytest.approx([0.3, 0.3])
 
@@ -624,14 +623,15 @@ def test_proportional_derivative_follows_the_reference_rule():
         assert c.var_coefs.tolist() == pytest.approx(want_var, abs=1e-7)
 
 
-@pytest.mark.controller
-def test_fixed_controllers_never_move():
+def test_fixed_kinds_keep_their_coefficients_and_have_no_rule():
+    """train.py steps a controller only where it has a rule; the fixed kinds have none."""
     for kind, (c, k) in {"sparsity": (0.01, 0.0), "sparsity_variance": (0.01, -0.01),
                          "sparsity_variance_l2": (0.1, 0.1)}.items():
         ctrl = GateController(kind, 4)
-        ctrl.update(torch.tensor([0.2, 0.2, 0.2, 0.2]), torch.zeros(4))
+        assert ctrl.rule is None, kind
         assert ctrl.mean_coefs.tolist() == pytest.approx([c] * 4), kind
         assert ctrl.var_coefs.tolist() == pytest.approx([k] * 4), kind
+    assert all(GateController(kind, 4).rule is M.TARGET_RULES[kind] for kind in M.TARGET_RULES)
 
 
 @pytest.mark.controller

@@ -59,7 +59,7 @@ gate_eps = 1e-6                # an open gate's key bias is log(max(g, gate_eps)
 hide_closed_keys = True        # False: closed keys stay visible (the authors' releases)
 skip = 'auto'                  # leave skipped pairs out: 'true', 'false', 'auto' = unless compiled
 plain = False                  # True: model.py's plain definitions only, the code you read
-# gate controller (the README lists the kinds)
+# gate controller (the README lists the kinds; 'off': no regularizer)
 controller = 'proportional'
 ctrl_coef = None               # c: a fixed kind's, or a target kind's start; None: default
 ctrl_var_coef = None           # k, likewise
@@ -112,7 +112,7 @@ inherited, notes = run_settings(out_dir, config, given)
 config.update(inherited)
 globals().update(inherited)
 check_out_dir(out_dir, write=master and not eval_only)  # writable, before any work
-check_train_settings(config, controller_kinds())
+check_train_settings(config, ('off', *controller_kinds()))
 device, dtype = device_and_dtype(device, dtype, local_rank if ddp else None, deterministic)
 if ddp:
     torch.distributed.init_process_group(backend if backend != 'auto' else
@@ -158,7 +158,7 @@ use_plain(model, plain).to(device)
 optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_decay, device.type,
                                       adam_eps)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no scaling
-ctrl = gate_controller(config, n_layer, device) if gated else None
+ctrl = gate_controller(config, n_layer, device) if gated and controller != 'off' else None
 step, best_val_loss, train_flops, train_time = 0, math.inf, 0.0, 0.0
 if ckpt is not None:  # the rest of where the run stopped
     step, best_val_loss, train_flops, train_time = restore_run(ckpt, optimizer, scaler, ctrl,
@@ -303,13 +303,15 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     sparsity, record = 0.0, {}
-    if ctrl is not None:  # the same inputs on every process, so the same state everywhere
+    if gated:  # the same inputs on every process, so the same controller state everywhere
         mean, square = (torch.tensor(s[k], device=device) for k in ('gate_mean', 'gate_sq'))
         variance = pooled_variance(mean, square)  # the whole step's
-        ctrl.update(mean, variance)
         sparsity = sum(s['gate_zero']) / n_layer
-        record = dict(gate_mean=s['gate_mean'], gate_var=variance.tolist(),
-                      mean_coefs=ctrl.mean_coefs.tolist(), var_coefs=ctrl.var_coefs.tolist())
+        record = dict(gate_mean=s['gate_mean'], gate_var=variance.tolist())
+    if ctrl is not None:
+        if ctrl.rule is not None:  # a target kind (a fixed kind's coefficients never move)
+            ctrl.update(mean, variance)
+        record.update(mean_coefs=ctrl.mean_coefs.tolist(), var_coefs=ctrl.var_coefs.tolist())
     train_flops += 3 * model.flops_per_token(sparsity) * tokens_per_step
     dt = time.time() - t0
     train_time += dt

@@ -622,21 +622,25 @@ def test_a_released_model_evaluates_and_fine_tunes(tmp_path):
 @pytest.fixture(scope='module')
 def controller_runs(tmp_path_factory):
     """A 6-step run of each kind of controller, two at a time: their out_dirs by kind."""
-    outs = {kind: str(tmp_path_factory.mktemp('ctrl') / kind) for kind in controller_kinds()}
+    outs = {kind: str(tmp_path_factory.mktemp('ctrl') / kind) for kind in ('off', *controller_kinds())}
     train_many(*[(TINY + ['--n_layer=4', '--max_iters=6', '--eval_interval=6', f'--controller={kind}'], out)
                  for kind, out in outs.items()])
     return outs
 
 
-@pytest.mark.parametrize('kind', controller_kinds())  # a new rule is tested the moment it exists
+@pytest.mark.parametrize('kind', ('off', *controller_kinds()))  # a new rule: tested at once
 @pytest.mark.slow
 def test_each_controller_regularizes_through_train_py(controller_runs, kind):
     """Each kind, run by train.py: the logged regularizer of every step is what the README's
     table says, from that step's gates (logged per layer) and the coefficients in force. Fixed
     kinds: their c and k (FIXED, whose values test_model.py holds to the README), all
     along. Target kinds: c and k start at 0 and move. The loss uses each micro-batch's unbiased
-    variance; the log pools the step's (biased) one."""
+    variance; the log pools the step's (biased) one. 'off': no regularizer at all."""
     steps = records(controller_runs[kind], 'train')
+    if kind == 'off':  # no regularizer, no coefficients; the gates are still logged
+        assert all(r['reg'] == 0 and 'mean_coefs' not in r and len(r['gate_mean']) == 4 for r in steps)
+        assert 0 < steps[-1]['gate_mean'][1] < 1
+        return
     n = 4 * 32  # gates per layer in a step: batch 4 x block 32
     t = torch.tensor([1.0, 0.5, 0.5, 1.0], dtype=torch.float64)  # mean targets: 1.0 -> 0.5, mirrored
     coefs = (torch.zeros(4, dtype=torch.float64),) * 2
