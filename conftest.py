@@ -33,8 +33,8 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
 
 
-EXERCISES = ("gate", "gate_loop", "key_bias", "attention", "block", "targets", "regularizer",
-             "controller", "pooled_variance", "flops", "packed_rows")  # EXERCISES.md's Checks
+EXERCISES = ("block", "gate", "key_bias", "attention", "regularizer", "update", "rule",
+             "packed_rows")  # EXERCISES.md's Checks, in order
 
 
 def pytest_configure(config):

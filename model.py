@@ -73,9 +73,8 @@ def apply_rotary(x, cos, sin):
 
 def attention(q, k, v, key_bias=None):
     """Causal attention with a key bias. q (B, H, T, hd) are the last T of the S positions of k
-    and v (B, H_kv, S, hd); key_bias (B, S) or None joins every query's score on KEY j, so a very
-    negative bias hides key j (by the query, it would add one constant to a softmax row, which
-    changes nothing). Returns (B, H, T, hd)."""
+    and v (B, H_kv, S, hd); key_bias (B, S) or None joins every query's score on key j, so a very
+    negative bias hides key j. Returns (B, H, T, hd)."""
     T, S = q.size(2), k.size(2)
     k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))  # share K, V
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
@@ -131,20 +130,17 @@ def next_gate(head, x, m):
     """The gate of a layer i < L/2 and the running sum behind it:
         m_i = relu(w_i . x + b_i) + m_{i-1},    g_i = 1 - clamp(m_i, 0, 1)
     head: layer i's gate head, Linear(d, 1); x (B, T, d): the stream entering layer i; m: m_{i-1}
-    (B, T, 1), or 0.0 before layer 0. Returns g_i and m_i, both (B, T, 1), m in float32. m never
-    shrinks, so the gates fall toward the middle, and g_i is exactly 0 once m_i reaches 1."""
+    (B, T, 1), or 0.0 before layer 0. Returns g_i and m_i, both (B, T, 1), m in float32."""
     m = F.relu(head(x)).float() + m
     return 1.0 - m.clamp(0.0, 1.0), m
 
 
-CLOSED = -1e4  # the key bias of a closed gate (g = 0)
+CLOSED = -1e4  # a closed gate's key bias: exp(CLOSED + any score gap under ~9,900) is exactly 0
 
 
 def gate_bias(g, eps):
-    """The key bias (B, T) of gates g (B, T): log(max(g, eps)) where g > 0, CLOSED where g == 0.
-    exp(CLOSED + a score gap) is exactly 0 in fp32, bf16 and fp16 for gaps under ~9,900, so a
-    closed key gets no weight at all; log(eps) = -13.8 alone would show through a sharp head.
-    (A finite bias leaves no softmax row empty.)"""
+    """The key bias (B, T) of gates g (B, T): log(max(g, eps)) where g > 0, CLOSED where g == 0,
+    with a finite gradient everywhere."""
     return torch.log(g.clamp_min(eps)).masked_fill(g == 0, CLOSED)
 
 
@@ -261,7 +257,7 @@ class GPT(nn.Module):
     def flops_per_token(self, sparsity=0.0, seq_len=None):
         """Estimated forward FLOPs per token with seq_len (default block_size) positions of
         context, term by term: 2 per multiply-add, and elementwise work. A skipped pair costs
-        nothing but, with closed keys visible, its key and value. Training costs about 3x."""
+        nothing but, with closed keys visible, its key and value."""
         c = self.config
         T, d, V, h = seq_len or c.block_size, c.n_embd, c.vocab_size, 4 * c.n_embd
         kv_dim = c.n_kv_head * (d // c.n_head)

@@ -85,10 +85,10 @@ _active_tokens_in_python = torch._disable_dynamo(_active_tokens, recursive=False
 
 
 def run_packed(block, x, cos, sin, g, key_bias, active, n, cache=None, i=None):
-    """The block on rows of n packed tokens: each row's active tokens (B, T) in order, each with
-    its own rotary position, then skipped ones as padding. Padding comes after every real token,
-    so the causal mask hides it from them (and a padding query sees itself, so no softmax row is
-    empty); its gate of 0 leaves it as it was, and its bias hides it from other padding."""
+    """The block on rows of n packed tokens: each row's active tokens (B, T) in order, then
+    skipped ones as padding, each with its own rotary position, gate and key bias; the results
+    go back to their places in x. With a cache, the block keeps the packed tokens' keys and
+    values at their own positions."""
     B, T, d = x.shape
     pos = torch.argsort(~active, dim=1, stable=True)[:, :n]  # (B, n) positions in x
     flat = (pos + T * torch.arange(B, device=x.device)[:, None]).view(-1)  # rows of x (B*T, d)
