@@ -223,7 +223,6 @@ def test_done_in_order_every_check_passes_and_every_run_trains(tmp_path):
     results = iter(in_pairs(jobs))
     for number, _, fields in found:
         (blank, _), (check, _), (trained, seconds) = next(results), next(results), next(results)
-        function = '::'.join(implemented(fields)[0])
         assert blank.returncode == 1 and blank.stderr.startswith('error: ') and blank.stderr.count('\n') == 1 \
             and blank.stderr.endswith(f'is not written yet: exercise {number}\n'), (number, blank.stderr[-800:])
         assert check.returncode == 0, (number, check.stdout[-1500:])
@@ -231,7 +230,7 @@ def test_done_in_order_every_check_passes_and_every_run_trains(tmp_path):
         line = next(l for l in trained.stdout.splitlines() if l.startswith('eval step 50 |'))
         got, want = (re.search(r'val ce (\S+) \| sparsity (\S+)', t).groups() for t in (line, fields['Prints']))
         assert [float(a) for a in got] == pytest.approx([float(b) for b in want], abs=0.01), (number, line)
-        assert function
+        print(f"{number} | {seconds:.1f} s | {' | '.join(line.split(' | ')[:4])}")  # seen with -s
     for number, _, fields in found:
         if needs(fields) != set(range(1, number)):
             (check, _), (trained, _) = next(results), next(results)
@@ -291,9 +290,9 @@ def test_grade_counts_only_the_function_bodies_so_cheats_score_0(tmp_path):
     """Cheats on a blank handout that make a plain `pytest -m block` pass there score 0: a
     pytest.ini with a plugin, a conftest.py, edited tests, a model.py that patches pytest's
     reports when imported. A body that imports to do the same is refused, and attention through
-    SDPA scores 0 for exercise 4 (its C name refused in the body, F's by the tests). The shipped
-    code scores 100, in the class's CSV and in its results.json; each grade takes under 2
-    minutes."""
+    SDPA scores 0 for exercise 4 (its C name refused in the body, F's by the tests). In the
+    class's CSV an honest student at exercise 3 has 40 points; the shipped code's results.json
+    has 100, in under 2 minutes."""
     blank = handout(tmp_path / 'blank')
     cheats = {name: tmp_path / name for name in ('ini', 'conftest', 'tests', 'patch', 'body', 'sdpa_c', 'sdpa')}
     for folder in cheats.values():
@@ -315,11 +314,13 @@ def test_grade_counts_only_the_function_bodies_so_cheats_score_0(tmp_path):
     fooled = in_pairs([('python -m pytest -q test_model.py -m block -p no:cacheprovider', cheats[name])
                        for name in ('ini', 'conftest', 'tests', 'patch')])
     assert all(p.returncode == 0 for p, _ in fooled), [p.stdout[-300:] for p, _ in fooled]
-    t0 = time.time()
-    p = course('grade', ROOT, *cheats.values(), f'--csv={tmp_path / "class.csv"}')
-    assert time.time() - t0 < 120 and p.returncode == 1, p.stdout + p.stderr
+    three = handout(tmp_path / 'three', '--solved=3')  # an honest student, at exercise 3
+    p = course('grade', three, *cheats.values(), f'--csv={tmp_path / "class.csv"}')
+    assert p.returncode == 1, p.stdout + p.stderr
     rows = {row['student']: row for row in csv.DictReader(open(tmp_path / 'class.csv'))}
-    assert rows[ROOT]['points'] == '100' and set(rows) == {ROOT, *map(str, cheats.values())}
+    assert set(rows) == {str(three), *map(str, cheats.values())}
+    assert [rows[str(three)][f'exercise {n}'] for n in range(1, 5)] == ['15', '15', '10', '0']
+    assert rows[str(three)]['points'] == '40'
     for name, folder in cheats.items():
         assert rows[str(folder)]['points'] == '0', (name, rows[str(folder)])
     assert re.search(r'^\S*sdpa_c\s+(0\s+){8}0$', p.stdout, re.M), p.stdout

@@ -563,22 +563,29 @@ def test_two_nodes_prepare_train_and_exit_cleanly(tmp_path):
     for attempt in range(3):
         shutil.rmtree(tmp_path / 'data', ignore_errors=True)
         port = free_port()
+        logs = [tmp_path / f'node{r}-{attempt}.{kind}' for r in (0, 1) for kind in ('out', 'err')]
+        files = [open(log, 'w') for log in logs]  # unlike an unread pipe, a file never blocks a node
         nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2',
                                    f'--node_rank={r}', '--nproc_per_node=1', '--master_addr=127.0.0.1',
                                    f'--master_port={port}', os.path.join(ROOT, 'train.py'), *TINY,
                                    '--max_iters=6', '--eval_interval=6', f'--out_dir=out{attempt}'],
-                                  cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True) for r in (0, 1)]
-        deadline = time.time() + 240
+                                  cwd=tmp_path, env=ENV, stdout=files[2 * r], stderr=files[2 * r + 1],
+                                  start_new_session=True) for r in (0, 1)]
+        deadline = time.time() + 120  # an attempt takes seconds
         while (time.time() < deadline and any(n.poll() is None for n in nodes)
                and not any(n.returncode for n in nodes)):
             time.sleep(0.2)
         for n in nodes:  # a node left running (hung, or its peer failed) must not outlive the test
             if n.poll() is None:
                 os.killpg(n.pid, signal.SIGKILL)
-        results = [n.communicate() for n in nodes]
-        assert all(n.returncode == 0 for n in nodes), (attempt, [(out[-1500:], err[-1500:]) for out, err in results])
-        assert 'ddp gloo' in results[0][0] and load(tmp_path / f'out{attempt}')['step'] == 6
+        for n in nodes:
+            n.wait()
+        for f in files:
+            f.close()
+        results = [log.read_text() for log in logs]
+        assert all(n.returncode == 0 for n in nodes), (attempt, [n.returncode for n in nodes],
+                                                       [text[-1500:] for text in results])
+        assert 'ddp gloo' in results[0] and load(tmp_path / f'out{attempt}')['step'] == 6
 
 
 @pytest.mark.slow
