@@ -176,10 +176,9 @@ def test_a_blank_function_stops_the_scripts_with_one_line(tmp_path):
     p, _ = run('python train.py --max_iters=2 --eval_interval=2 --eval_tokens=512 --batch_size=2 '
                '--block_size=32 --n_embd=32 --n_head=2 --n_kv_head=2 --out_dir=out-blank', out)
     assert p.returncode == 1 and p.stderr == 'error: model.py::gate_targets is not written yet: exercise 5\n', p.stderr
-    made, _ = run('python train.py --max_iters=2 --eval_interval=2 --eval_tokens=512 --batch_size=2 '
-                  f'--block_size=32 --n_embd=32 --n_head=2 --n_kv_head=2 --out_dir={tmp_path / "ckpt"}', ROOT)
+    made, _ = run(f'python {os.path.join(ROOT, "train.py")} --max_iters=2 --eval_interval=2 --eval_tokens=512 '
+                  '--batch_size=2 --block_size=32 --n_embd=32 --n_head=2 --n_kv_head=2', out)  # this code's
     assert made.returncode == 0, made.stderr
-    shutil.copytree(tmp_path / 'ckpt', out / 'out')
     p, _ = run('python sample.py --max_new_tokens=5', out)
     assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
     assert p.stderr.endswith('\nerror: model.py::GPT.gate_loop is not written yet: exercise 2\n'), p.stderr
