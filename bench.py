@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from configurator import configure, gate_controller, model_config, settings_block
+from configurator import configure, gate_controller, joined, model_config, settings_block
 from model import GPT, GateController, GPTConfig, gate_moments, pooled_variance
 from skipping import KVCache, cached_forward
 from data import TokenStream, load_meta, shard_paths
@@ -50,8 +50,9 @@ compile = 'auto'         # train, skip: torch.compile, 'auto' = on for CUDA only
 hide_closed_keys = True  # decode: False computes skipped tokens' keys (the released models)
 seed = 0
 # end of settings
-_, given = configure(globals(), [a for a in sys.argv[1:] if a not in MODES])
-mode = next((a for a in sys.argv[1:] if a in MODES), 'train')
+argv = joined(sys.argv[1:], globals())
+_, given = configure(globals(), [a for a in argv if a not in MODES])
+mode = next((a for a in argv if a in MODES), 'train')
 MODEL = 'n_layer n_embd n_head n_kv_head vocab_size device seed '
 USES = {'train': MODEL + 'block_size batch_size steps repeats dtype compile hide_closed_keys',
         'skip': MODEL + 'block_size batch_size steps repeats dtype compile',

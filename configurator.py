@@ -1,8 +1,7 @@
 """
 Settings the nanoGPT way: a script's settings are plain names between '# settings' and '# end of
 settings', and `config, given = configure(globals())` applies each preset file and --key=value of
-the command line, checked against the default's type. Mistakes stop with one line. Also: what
-train.py's settings build.
+the command line, checked against the default's type. Also: what train.py's settings build.
 """
 import ast
 import difflib
@@ -44,12 +43,25 @@ def _typed(key, value, default, source):
     return value
 
 
+def joined(argv, scope):
+    """argv with `--key value` as `--key=value` (a bool setting takes only true or false so)."""
+    out = []
+    for arg in argv:
+        last = out[-1] if out else ''
+        if last[:2] == '--' and '=' not in last and arg[:2] != '--' and (
+                type(scope.get(last[2:])) is not bool or arg.lower() in ('true', 'false')):
+            out[-1] += '=' + arg
+        else:
+            out.append(arg)
+    return out
+
+
 def configure(scope, argv=None):
-    """Applies presets and --key=value from argv (default: the command line) to the settings in
-    scope; --help prints the docstring and the settings. Returns them, and the names argv set."""
+    """Applies presets and --key=value (or --key value) from argv (default: the command line) to
+    the settings in scope; --help prints them. Returns them, and the names argv set."""
     keys = [k for k, v in scope.items()  # lower-case names of plain values; not CONSTANTS
             if k[0].islower() and type(v) in (bool, int, float, str, type(None))]
-    argv = sys.argv[1:] if argv is None else argv
+    argv = joined(sys.argv[1:] if argv is None else argv, scope)
     given = set()
     if '-h' in argv or '--help' in argv:
         print(scope['__doc__'].strip(), 'Settings (--key=value):',
@@ -59,7 +71,7 @@ def configure(scope, argv=None):
         if arg.startswith('--'):
             key, has_value, text = arg[2:].partition('=')
             if not has_value and type(scope.get(key)) is not bool:
-                sys.exit(f"error: expected --key=value, got {arg!r}")
+                sys.exit(f"error: {arg} needs a value: {arg}=VALUE or {arg} VALUE")
             updates = {key: text if has_value else True}
         else:
             if not os.path.isfile(arg):

@@ -42,7 +42,7 @@ import textwrap
 import time
 import tokenize
 
-from configurator import configure
+from configurator import configure, joined
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ('handout', 'grade', 'key')
@@ -54,8 +54,9 @@ only = ''                # handout: the exercises to blank, e.g. '8' ('': all bu
 results = ''             # grade: write Gradescope's results.json here (one DIR)
 csv = ''                 # grade: write a row per DIR here (exercise points and the total)
 # end of settings
-positional = [a for a in sys.argv[1:] if not a.startswith('-')]
-configure(globals(), [a for a in sys.argv[1:] if a.startswith('-')])
+argv = joined(sys.argv[1:], globals())
+positional = [a for a in argv if not a.startswith('-')]
+configure(globals(), [a for a in argv if a.startswith('-')])
 if len(positional) < 2 or positional[0] not in MODES or (positional[0] != 'grade'
                                                          and len(positional) != 2):
     sys.exit("error: usage: python course.py handout DIR [--solved=1,2 | --only=3] | python "

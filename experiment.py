@@ -29,7 +29,7 @@ import time
 import torch
 
 from checkpoints import load_checkpoint
-from configurator import configure
+from configurator import configure, joined
 from skipping import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,9 +55,10 @@ report_only = False      # read finished runs, train nothing
 skip_decode = False      # do not measure decode speed
 results = ''             # results/<scale> by default: <results>.md, .csv and .png
 # end of settings
-own = [a for a in sys.argv[1:] if a in ('-h', '--help') or a[2:].partition('=')[0] in globals()]
+argv = joined(sys.argv[1:], globals())
+own = [a for a in argv if a in ('-h', '--help') or a[2:].partition('=')[0] in globals()]
 configure(globals(), own)
-train_args = [a for a in sys.argv[1:] if a not in own]  # the rest goes to every train.py run
+train_args = [a for a in argv if a not in own]  # the rest goes to every train.py run
 PER_RUN = ('out_dir', 'n_layer', 'gated', 'ctrl_target_end', 'hide_closed_keys', 'skip',
            'init_from', 'eval_only')  # what the experiment sets for each run itself
 for arg in train_args:

@@ -2,9 +2,8 @@
 A transformer that learns to skip its middle layers: T. Lawson and L. Aitchison, "Learning to
 Skip the Middle Layers of Transformers" (2025), https://arxiv.org/abs/2506.21103.
 
-In the paper's order: config, RMSNorm, rotary embeddings, attention with a key bias, SwiGLU,
-the gate and its key bias, the sandwich block, the model and its FLOPs, the regularizer and its
-controllers.
+In the paper's order: config, RMSNorm, rotary, attention with a key bias, SwiGLU, the gate and
+its key bias, the sandwich block, the model and its FLOPs, the regularizer, its controllers.
 
     layer:   0     1     2     3     4     5       L = 6 layers, one token
     gate:   g0    g1    g2    g2    g1    g0       g0 >= g1 >= g2, each in [0, 1]
@@ -212,9 +211,8 @@ class GPT(nn.Module):
         return logits, loss, (torch.stack(gates).squeeze(-1) if gates else None)
 
     def run_layers(self, x, layer):
-        """Every layer over x (B, T, d) through layer(i, block, x, g), which runs block as layer i
-        with gate g and returns the stream: the gate loop, or in a dense model each layer with
-        g = 1.0. Returns the last stream and the gates (none for a dense model)."""
+        """x (B, T, d) through every layer(i, block, x, g) (block as layer i with gate g, giving
+        the stream): the gate loop, or g = 1.0 if dense. Returns the last stream and the gates."""
         if self.config.gated:
             return self.gate_loop(x, layer)
         for i, block in enumerate(self.blocks):
@@ -222,9 +220,9 @@ class GPT(nn.Module):
         return x, []
 
     def gate_loop(self, x, layer):
-        """The method's loop over the layers of a gated model: x (B, T, d) in; out, the last
-        layer's stream and the gates, L tensors (B, T, 1). Layer i < L/2 gets its gate from
-        next_gate, carrying the running sum; layer L-1-i reuses layer i's (the mirror)."""
+        """The method's loop over a gated model's layers: x (B, T, d) in; out, the last stream
+        and the gates, L tensors (B, T, 1). Layer i < L/2 gets its gate from next_gate, carrying
+        the running sum; layer L-1-i reuses layer i's (the mirror)."""
         L = self.config.n_layer
         gates, m = [], 0.0
         for i, block in enumerate(self.blocks):

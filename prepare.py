@@ -7,20 +7,24 @@ Turn a text source into token shards, with one command:
     python prepare.py tinystories --max_tokens 20000000
     python prepare.py fineweb10B --shards 1            # modded-nanogpt's pre-tokenized shards
     python prepare.py text --input FILE [--tokenizer char|gpt2]   # any UTF-8 file, offline
+    python prepare.py text --input DOCS/ more.txt --val_input held_out.txt   # files and folders
 
 Output (default data/NAME/): {name}_train_000000.bin ..., {name}_val_000000.bin ..., meta.json.
 Shard format (modded-nanogpt's): 256 x int32 header (magic 20240520, version 1, token count),
 then the tokens as uint16. The split is deterministic: val is the last --val_fraction of the
 file's bytes, starting at the first line break at or after that point, or, with no line break
 near it (text8 is one line), at the first character boundary there (TinyStories and FineWeb
-ship their own val files and use those). data.py holds the format and the readers.
+ship their own val files and use those). `text` reads the files given and the text files of
+the folders given (sorted), with a blank line (GPT-2: <|endoftext|>) between documents; with
+--val_input, val is exactly those files, and they are left out of training even where an
+--input folder holds them. data.py holds the format and the readers.
 
 Preparations of one folder may run at once (every node of a multi-node job): one holds the lock
 file OUT_DIR/.prepare.lock, the others wait and then reuse its result. Shards and meta.json are
 written in a private folder inside OUT_DIR and moved into place when complete, so a failure
 (a full disk, a bad byte) leaves the data that was there before.
 """
-import argparse, contextlib, fcntl, glob, json, os, shutil, sys, tempfile, time
+import argparse, codecs, contextlib, fcntl, glob, json, os, shutil, sys, tempfile, time
 import numpy as np
 import requests
 
@@ -402,21 +406,103 @@ def _summary(out_dir, meta):
 # -----------------------------------------------------------------------------
 # the sources
 
-def _check_input(input):
-    if not input:
-        raise DataError("`python prepare.py text` needs --input FILE (a UTF-8 text file)")
-    if os.path.isdir(input):
-        raise DataError(f"{input}: is a directory, not a file (given as --input)")
-    if not os.path.exists(input):
-        raise DataError(f"{input}: no such file (given as --input)")
-    if not os.path.isfile(input):
-        raise DataError(f"{input}: not a regular file (given as --input); give a text file")
+def _check_file(path, flag):
+    """One-line errors for a file given as --input or --val_input that cannot be read as text."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder (given as {flag})")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file (given as {flag}); give a text file")
     try:
-        open(input, 'rb').close()
+        with open(path, 'rb') as f:
+            head = f.read(1 << 13)
     except OSError as e:
-        raise DataError(f"{input}: cannot read it ({e.strerror}) (given as --input)") from None
-    if os.path.getsize(input) == 0:
-        raise DataError(f"{input}: the file is empty (given as --input)")
+        raise DataError(f"{path}: cannot read it ({e.strerror}) (given as {flag})") from None
+    if not head:
+        raise DataError(f"{path}: the file is empty (given as {flag})")
+    if b'\0' in head:
+        raise DataError(f"{path}: not a text file (it holds NUL bytes) (given as {flag}); "
+                        f"give UTF-8 text")
+
+def _text_files(paths, flag):
+    """The files that paths name, in order: a file itself; a folder, its text files in sorted
+    order (hidden ones and files that are empty or hold NUL bytes left out, with a note)."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            _check_file(path, flag)
+            files.append(path)
+            continue
+        found = []
+        for d, dirs, fs in os.walk(path):
+            dirs[:] = [x for x in dirs if not x.startswith('.')]  # .git and the like
+            found += [os.path.join(d, f) for f in fs if not f.startswith('.')]
+        found.sort()
+        text = []
+        for f in found:
+            with contextlib.suppress(DataError):
+                _check_file(f, flag)
+                text.append(f)
+        if not text:
+            raise DataError(f"{path}: holds no text files (given as {flag}); give a folder of "
+                            f"UTF-8 text files, or the files themselves")
+        if len(text) < len(found):
+            skipped = sorted(set(found) - set(text))
+            print(f"note: {path}: left out {len(skipped)} file(s) that are not text or are "
+                  f"empty, such as {skipped[0]}")
+        files += text
+    return files
+
+def _documents(inputs, val_inputs):
+    """(train files, val files) of `prepare.py text`: a file named in both is refused; a val
+    file inside an --input folder is left out of training."""
+    if not inputs:
+        raise DataError("`python prepare.py text` needs --input FILE or FOLDER ... "
+                        "(UTF-8 text files)")
+    train, val = _text_files(inputs, '--input'), _text_files(val_inputs, '--val_input')
+    named = {os.path.realpath(p) for p in inputs if not os.path.isdir(p)}
+    for f in val:
+        if os.path.realpath(f) in named:
+            raise DataError(f"{f}: given in both --input and --val_input; a held-out file "
+                            f"must stay out of training: drop it from --input")
+    held = {os.path.realpath(f) for f in val}
+    kept = [f for f in train if os.path.realpath(f) not in held]
+    if len(kept) < len(train):
+        print(f"note: {len(train) - len(kept)} --val_input file(s) found in an --input folder "
+              f"are left out of training")
+    for files, flag in ((kept, '--input'), (val, '--val_input')):
+        seen = set()
+        for f in files:
+            if os.path.realpath(f) in seen:
+                raise DataError(f"{f}: given twice (in {flag}); give each file once")
+            seen.add(os.path.realpath(f))
+    if not kept:
+        raise DataError("--input: no file is left to train on once the --val_input files are "
+                        "held out")
+    return kept, val
+
+def _join(files, path, separator):
+    """Writes files to path one after another, separator between them (each document then
+    ends with a line break and the separator), checking that each is UTF-8."""
+    with open(path, 'wb') as out:
+        for i, name in enumerate(files):
+            decoder, offset, last = codecs.getincrementaldecoder('utf-8')(), 0, b''
+            try:
+                with open(name, 'rb') as f:
+                    while True:
+                        block = f.read(1 << 20)
+                        pending = len(decoder.getstate()[0])  # bytes of a character cut in two
+                        decoder.decode(block, final=not block)
+                        if not block:
+                            break
+                        out.write(block)
+                        offset, last = offset + len(block), block[-1:]
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}: not UTF-8 text (bad byte at offset "
+                                f"{offset - pending + e.start}); convert it to UTF-8 first") from None
+            except OSError as e:
+                raise DataError(f"{name}: cannot read it ({e.strerror})") from None
+            if i < len(files) - 1:
+                out.write((b'' if last == b'\n' else b'\n') + separator)
 
 def _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction,
                 shard_tokens, chunk_bytes):
@@ -442,24 +528,23 @@ def _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction
     if name == 'tinystories' and tokenizer != 'gpt2':
         raise DataError("tinystories is prepared with the gpt2 tokenizer only "
                         "(drop --tokenizer char)")
-    if name == 'text':
-        _check_input(input)
     if tokenizer == 'gpt2':
         gpt2_tokenizer()  # fail before downloading anything
     return tokenizer
 
-def _command(name, out_dir, source, input, tokenizer, max_tokens, shards, val_fraction,
-             shard_tokens, chunk_bytes):
+def _command(name, out_dir, source, inputs, val_inputs, tokenizer, max_tokens, shards,
+             val_fraction, shard_tokens, chunk_bytes):
     """The command line that makes this dataset again, with every option that changes it."""
     text = name != 'fineweb10B'
     return ' '.join(['python prepare.py', name]
                     + (['--source', source] if source != 'bundled' else [])
-                    + (['--input', input] if input else [])
+                    + (['--input', *inputs] if inputs else [])
+                    + (['--val_input', *val_inputs] if val_inputs else [])
                     + (['--tokenizer', tokenizer] if tokenizer else [])
                     + (['--max_tokens', str(max_tokens)] if max_tokens else [])
                     + (['--shards', str(shards)] if name == 'fineweb10B' else [])
-                    + (['--val_fraction', str(val_fraction)] if text and val_fraction != 0.1
-                       else [])
+                    + (['--val_fraction', str(val_fraction)]
+                       if text and val_fraction != 0.1 and not val_inputs else [])
                     + (['--shard_tokens', str(shard_tokens)]
                        if text and shard_tokens != 100_000_000 else [])
                     + (['--chunk_bytes', str(chunk_bytes)] if text and chunk_bytes != 1 << 20
@@ -497,44 +582,51 @@ def _tinystories(out_dir, max_tokens, chunk_bytes, meta):
                                      "TinyStories' own train and valid files")
     return train_blocks, _file_blocks(val_path, 0, os.path.getsize(val_path), chunk_bytes, 'val'), 0
 
-def _text_file(name, source, input, out_dir, val_fraction, chunk_bytes, meta):
-    """shakespeare*, text: one file, split by bytes. Fills meta's source, split and chars."""
-    if name == 'text':
-        path = input
-    elif source == 'bundled':
-        path = BUNDLED
+def _text_file(name, source, path, out_dir, val_fraction, chunk_bytes, meta, val_path=None):
+    """shakespeare*, text: one file split by bytes, or (val_path) train and val files. Fills
+    meta's split and chars, and meta's source unless it is there."""
+    if name != 'text':
+        path = BUNDLED if source == 'bundled' else download(TINY_SHAKESPEARE_URL,
+                                                            os.path.join(out_dir, 'input.txt'))
+    meta.setdefault('source', 'data/shakespeare.txt (bundled)' if path == BUNDLED else
+                    TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
+    if val_path:
+        train_part, val_part = (path, 0, os.path.getsize(path)), (val_path, 0, os.path.getsize(val_path))
     else:
-        path = download(TINY_SHAKESPEARE_URL, os.path.join(out_dir, 'input.txt'))
-    split, size, how = _split_point(path, val_fraction)
-    meta['source'] = ('data/shakespeare.txt (bundled)' if path == BUNDLED else
-                      TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
-    meta['split'] = (f"val = bytes {split}..{size} of the source "
-                     f"(the last {val_fraction:.0%}, {how}), train = bytes 0..{split}")
+        split, size, how = _split_point(path, val_fraction)
+        train_part, val_part = (path, 0, split), (path, split, size)
+        meta['split'] = (f"val = bytes {split}..{size} of the source "
+                         f"(the last {val_fraction:.0%}, {how}), train = bytes 0..{split}")
     if meta['tokenizer'] == 'char':  # a first streamed pass to find the characters
         chars = set()
-        for text in _text_chunks(_file_blocks(path, 0, size, chunk_bytes, 'chars'),
-                                 path, chunk_bytes):
-            chars.update(text)
+        for where, start, end in {train_part[0]: train_part, val_part[0]: val_part}.values():
+            for text in _text_chunks(_file_blocks(where, 0, os.path.getsize(where), chunk_bytes,
+                                                  'chars'), where, chunk_bytes):
+                chars.update(text)
         if len(chars) > 2**16:
-            raise DataError(f"{path}: {len(chars)} distinct characters do not fit "
+            raise DataError(f"{meta['source']}: {len(chars)} distinct characters do not fit "
                             f"uint16 tokens; use --tokenizer gpt2")
         meta['chars'] = sorted(chars)
-    return (_file_blocks(path, 0, split, chunk_bytes, 'train'),
-            _file_blocks(path, split, size, chunk_bytes, 'val'), split)
+    return (_file_blocks(*train_part, chunk_bytes, 'train'),
+            _file_blocks(*val_part, chunk_bytes, 'val'), val_part[1])
 
 def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
-            max_tokens=None, shards=1,
-            val_fraction=0.1, shard_tokens=100_000_000, chunk_bytes=1 << 20):
-    """Does what `python prepare.py NAME ...` does; returns out_dir."""
+            max_tokens=None, shards=1, val_fraction=0.1, shard_tokens=100_000_000,
+            chunk_bytes=1 << 20, val_input=None):
+    """Does what `python prepare.py NAME ...` does; returns out_dir. input and val_input: a
+    path, or a list of files and folders."""
     tok = _check_args(name, source, input, tokenizer, max_tokens, shards, val_fraction,
                       shard_tokens, chunk_bytes)
+    inputs, val_inputs = ([p] if isinstance(p, str) else list(p or []) for p in (input, val_input))
+    train_files, val_files = _documents(inputs, val_inputs) if name == 'text' else ([], [])
     out_dir = out_dir or os.path.join('data', name)
-    cmd = _command(name, out_dir, source, input, tokenizer, max_tokens, shards, val_fraction,
-                   shard_tokens, chunk_bytes)
+    cmd = _command(name, out_dir, source, inputs, val_inputs, tokenizer, max_tokens, shards,
+                   val_fraction, shard_tokens, chunk_bytes)
+    sources = ' + '.join(os.path.abspath(f) for f in train_files + val_files) or None
     _out_dir_ready(out_dir)
     with _locked(out_dir) as waited:
         # another process just made this same dataset here (every node of a job calls prepare)
-        if waited and _made_by(out_dir, cmd, os.path.abspath(input) if name == 'text' else None):
+        if waited and _made_by(out_dir, cmd, sources):
             print(f"{out_dir}: another process prepared it with the same command; using that")
             return out_dir
         _foreign_shards(out_dir, 'fineweb' if name == 'fineweb10B' else name)
@@ -542,20 +634,43 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
         if name == 'fineweb10B':
             return _fineweb(out_dir, shards, meta)
         meta['tokenizer'] = tok
-        if name == 'tinystories':
-            train, val, val_start = _tinystories(out_dir, max_tokens, chunk_bytes, meta)
-        else:
-            train, val, val_start = _text_file(name, source, input, out_dir, val_fraction,
-                                               chunk_bytes, meta)
-        val_cap = None if max_tokens is None else max(1, int(max_tokens * val_fraction))
-        if max_tokens is not None:
-            meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens"
-        encode = array_encoder({'tokenizer': tok, 'chars': meta.get('chars'),
-                                 'source': meta['source']})
-        where, cb = meta['source'], chunk_bytes
-        return _write_dataset(out_dir, name, meta, _text_chunks(train, where, cb),
-                              _text_chunks(val, where, cb, val_start), encode,
-                              shard_tokens, max_tokens, val_cap)
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=out_dir) as joined:
+            if name == 'tinystories':
+                train, val, val_start = _tinystories(out_dir, max_tokens, chunk_bytes, meta)
+            elif name == 'text':
+                train, val, val_start = _text_input(train_files, val_files, joined, val_fraction,
+                                                    chunk_bytes, meta, sources)
+            else:
+                train, val, val_start = _text_file(name, source, None, out_dir, val_fraction,
+                                                   chunk_bytes, meta)
+            val_cap = None if max_tokens is None else max(1, int(max_tokens * val_fraction))
+            if max_tokens is not None:
+                meta['split'] += f"; only the first {max_tokens} train and {val_cap} val tokens"
+            encode = array_encoder({'tokenizer': tok, 'chars': meta.get('chars'),
+                                    'source': meta['source']})
+            where, cb = meta['source'], chunk_bytes
+            return _write_dataset(out_dir, name, meta, _text_chunks(train, where, cb),
+                                  _text_chunks(val, where, cb, val_start), encode,
+                                  shard_tokens, max_tokens, val_cap)
+
+def _text_input(train_files, val_files, joined, val_fraction, chunk_bytes, meta, sources):
+    """text: one file as it is, split by bytes; several (or a folder), joined with a separator
+    between documents (a blank line; GPT-2's <|endoftext|>) in the private folder joined; with
+    val files, those are the val split. meta records which files went where."""
+    meta.update(source=sources, train_files=[os.path.abspath(f) for f in train_files],
+                val_files=[os.path.abspath(f) for f in val_files])
+    if len(train_files) == 1 and not val_files:
+        return _text_file('text', None, train_files[0], None, val_fraction, chunk_bytes, meta)
+    separator = b'\n' if meta['tokenizer'] == 'char' else b'<|endoftext|>\n'
+    train_path, val_path = os.path.join(joined, 'train.txt'), os.path.join(joined, 'val.txt')
+    _join(train_files, train_path, separator)
+    if not val_files:
+        return _text_file('text', None, train_path, None, val_fraction, chunk_bytes, meta)
+    _join(val_files, val_path, separator)
+    meta['split'] = (f"val = the {len(val_files)} file(s) of --val_input, train = the "
+                     f"{len(train_files)} other file(s), documents joined by "
+                     f"{separator.decode()!r} after a line break")
+    return _text_file('text', None, train_path, None, val_fraction, chunk_bytes, meta, val_path)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
@@ -565,7 +680,10 @@ def main(argv=None):
     p.add_argument('--out_dir', help='default: data/NAME')
     p.add_argument('--source', default='bundled', choices=['bundled', 'download'],
                    help='shakespeare*: bundled corpus or tiny-shakespeare download')
-    p.add_argument('--input', help='text: the UTF-8 file to tokenize')
+    p.add_argument('--input', nargs='+', metavar='FILE_OR_FOLDER',
+                   help='text: UTF-8 files and folders of them (sorted), in this order')
+    p.add_argument('--val_input', nargs='+', metavar='FILE_OR_FOLDER',
+                   help='text: the files to hold out as the val split (not --val_fraction)')
     p.add_argument('--tokenizer', choices=['char', 'gpt2'], help='text: char (default) or gpt2')
     p.add_argument('--max_tokens', type=int,
                    help='stop after this many train tokens (val: this x val_fraction)')

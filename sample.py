@@ -27,7 +27,7 @@ temperature = 0.8        # 0 is greedy
 top_k = 0                # sample from the k most likely tokens only; 0 = from all
 top_p = 1.0              # ... and from the fewest whose probabilities reach top_p; 1.0 = all
 seed = 1337
-device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+device = 'auto'          # 'auto': cuda, then mps, then cpu; or 'cpu', 'cuda:1', ...
 dtype = 'auto'           # 'auto': bfloat16 on GPUs that have it (else float16), else float32
 show_skips = False       # colour each new token by the number of layers it ran; skip histogram
 plain = False            # True: model.py's plain definitions only, a full pass per new token

@@ -159,9 +159,12 @@ def test_unknown_char(tmp_path):
 def test_bad_text_inputs(tmp_path):
     out = str(tmp_path / 'o')
     (tmp_path / 'latin1.txt').write_bytes('caf\u00e9\n'.encode('latin-1') * 50)
-    cases = [(None, '--input FILE'), (str(tmp_path / 'missing.txt'), 'no such file'),
-             (str(tmp_path), 'is a directory'), ('/dev/null', 'not a regular file'),
+    (tmp_path / 'no_text').mkdir()
+    (tmp_path / 'no_text' / 'image.png').write_bytes(b'\x89PNG\x00\x00')
+    cases = [(None, '--input FILE'), (str(tmp_path / 'missing.txt'), 'no such file or folder'),
+             (str(tmp_path / 'no_text'), 'holds no text files'), ('/dev/null', 'not a regular file'),
              (write(tmp_path / 'empty.txt', ''), 'the file is empty'),
+             (str(tmp_path / 'no_text' / 'image.png'), 'not a text file (it holds NUL bytes)'),
              (str(tmp_path / 'latin1.txt'), 'not UTF-8 text (bad byte at offset 3)'),
              # too small: name which part would be empty ('\u00e9' is 2 bytes, cut only whole)
              (write(tmp_path / 'a.txt', 'a'), 'the train part would be empty'),
@@ -174,6 +177,63 @@ def test_bad_text_inputs(tmp_path):
     # short, but both parts have something: that prepares
     P.prepare('text', out_dir=out, input=write(tmp_path / 'one.txt', 'one line only'))
     assert (D.load_meta(out)['train_tokens'], D.load_meta(out)['val_tokens']) == (11, 2)
+
+def prepare_script(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+def test_files_folders_and_a_held_out_file_through_the_script(tmp_path):
+    """`prepare.py text --input FOLDER FILE --val_input FILE`: the val split is exactly the held-out
+    file; train is the folder's other text files (sorted; hidden, binary and empty ones left out)
+    and then the file, a blank line between documents (a line break added where one is missing);
+    meta.json records which files went where; train.py trains on it with --data_dir."""
+    docs = tmp_path / 'docs'
+    (docs / 'sub').mkdir(parents=True)
+    write(docs / 'b.txt', 'second doc\nno final newline')
+    write(docs / 'a.md', 'first doc\n')
+    write(docs / 'sub' / 'c.txt', 'third, in a subfolder\n')
+    write(docs / 'held.txt', 'the held-out doc\nwith two lines')
+    write(docs / '.hidden.txt', 'not read')
+    (docs / 'logo.png').write_bytes(b'\x89PNG\x00')
+    write(docs / 'empty.txt', '')
+    write(tmp_path / 'extra.txt', 'an extra file\n')
+    p = prepare_script('text', '--input', 'docs', 'extra.txt', '--val_input', 'docs/held.txt',
+                       '--out_dir', 'out', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert 'left out 2 file(s)' in p.stdout and '1 --val_input file(s) found in an --input folder' in p.stdout
+    meta = D.load_meta(str(tmp_path / 'out'))
+    _, decode = D.get_tokenizer(meta)
+    text = {split: ''.join(decode(D.read_shard(f).tolist()) for f in D.shard_paths(str(tmp_path / 'out'), split))
+            for split in ('train', 'val')}
+    assert text['val'] == 'the held-out doc\nwith two lines'
+    assert text['train'] == ('first doc\n\nsecond doc\nno final newline\n\nthird, in a subfolder\n\n'
+                             'an extra file\n')
+    assert meta['val_files'] == [str(docs / 'held.txt')]
+    assert meta['train_files'] == [str(docs / f) for f in ('a.md', 'b.txt', 'sub/c.txt')] + [str(tmp_path / 'extra.txt')]
+    assert meta['command'] == 'python prepare.py text --input docs extra.txt --val_input docs/held.txt --out_dir out'
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), '--data_dir=out', '--max_iters=2',
+                        '--eval_interval=2', '--batch_size=2', '--block_size=8', '--n_embd=32', '--n_head=2',
+                        '--n_kv_head=2', '--eval_tokens=16', '--out_dir=run'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and 'eval step 2 |' in p.stdout, p.stderr[-1500:]
+
+def test_text_inputs_that_cannot_be_used_stop_the_script_with_one_line(tmp_path):
+    """Through the script, before anything is written: a missing file, a folder with no text
+    files, a binary file, an empty file, a held-out file also given as --input."""
+    (tmp_path / 'pictures').mkdir()
+    (tmp_path / 'pictures' / 'a.png').write_bytes(b'\x89PNG\x00')
+    (tmp_path / 'blob.bin').write_bytes(b'\x00\x01\x02')
+    write(tmp_path / 'empty.txt', '')
+    write(tmp_path / 'a.txt', 'some text\n')
+    for args, what in [(['missing.txt'], 'missing.txt: no such file or folder (given as --input)'),
+                       (['pictures'], 'pictures: holds no text files (given as --input)'),
+                       (['blob.bin'], 'blob.bin: not a text file (it holds NUL bytes) (given as --input)'),
+                       (['empty.txt'], 'empty.txt: the file is empty (given as --input)'),
+                       (['a.txt', '--val_input', 'a.txt'], 'a.txt: given in both --input and --val_input'),
+                       (['a.txt', '--val_input', 'nope.txt'], 'nope.txt: no such file or folder (given as --val_input)')]:
+        p = prepare_script('text', '--input', *args, '--out_dir', 'out', cwd=tmp_path)
+        assert p.returncode == 1 and p.stderr.startswith(f'error: {what}') and p.stderr.count('\n') == 1, (args, p.stderr)
+        assert not (tmp_path / 'out').exists()
 
 def test_bad_numbers(tmp_path):
     src = write(tmp_path / 'in.txt', TEXT)

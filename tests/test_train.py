@@ -1065,3 +1065,24 @@ def test_proportional_integral_through_train_py_and_a_resume(tmp_path):
         total += d
         assert r['mean_coefs'] == pytest.approx((0.05 * (10.0 * d + total)).tolist(), abs=1e-6), r['step']
     assert load(b)['controller']['memory']['mean']['previous'].shape == (4,)
+
+
+@pytest.mark.slow
+def test_every_script_takes_key_value_and_key_space_value(tmp_path):
+    """`--key=value` and `--key value` mix in train.py, sample.py and course.py (prepare.py's
+    argparse takes both); a setting with no value says both forms."""
+    out = str(tmp_path / 'o')
+    spaced = [a for t in TINY for a in t.split('=')]  # --n_layer 2 --n_head 2 ...
+    p = subprocess.run([sys.executable, 'train.py', *spaced, '--max_iters', '2', '--eval_interval=2',
+                        '--out_dir', out, '--compile', 'false'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and 'eval step 2 |' in p.stdout and load(out)['config']['n_embd'] == 32, p.stderr
+    p = subprocess.run([sys.executable, 'sample.py', '--out_dir', out, '--max_new_tokens', '3', '--seed=7'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, 'course.py', 'key', '--solved', '1', '3'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith('# exercise 3.'), p.stderr
+    p = subprocess.run([sys.executable, 'train.py', '--max_iters'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == 'error: --max_iters needs a value: --max_iters=VALUE or --max_iters VALUE\n'
