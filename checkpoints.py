@@ -26,6 +26,8 @@ model.safetensors (every weight under 'model.', the token embedding in bfloat16)
 Reading the files needs safetensors, and a hub id needs huggingface_hub; both are optional
 (`pip install safetensors huggingface_hub`) and imported only here.
 """
+import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -59,14 +61,26 @@ def check_out_dir(out_dir, write=False):
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CheckpointError(f"--out_dir={out_dir}: cannot write in {probe}; make it writable "
                               f"or pick another out_dir")
+    made = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, ".train.lock"), "w")
+    path = os.path.join(out_dir, ".train.lock")
+    new_lock = not os.path.exists(path)
+    lock = open(path, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise CheckpointError(f"another train.py is running in {out_dir} (it holds {lock.name}); "
+        raise CheckpointError(f"another train.py is running in {out_dir} (it holds {path}); "
                               f"wait for it to end or use another out_dir") from None
     _held.append(lock)
+    if new_lock:  # at exit, still holding it: a run leaves no lock, nor a folder it left empty
+        atexit.register(_tidy, path, out_dir if made else None)
+
+
+def _tidy(lock, folder):
+    with contextlib.suppress(OSError):
+        os.remove(lock)
+        if folder:
+            os.rmdir(folder)  # only if empty
 
 
 _held = []  # lock files held until the process ends
@@ -127,8 +141,8 @@ def check_model_args(path, saved_args, model_args):
 # A resumed run (or an evaluation) takes what defines the run from its checkpoint: model, data,
 # optimizer, schedule, controller, log intervals. These, where and how it runs or is watched, it
 # takes from its own command.
-THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'stop_iter', 'device', 'dtype', 'compile',
-                'deterministic', 'backend', 'plain', 'wandb_log', 'wandb_project',
+THIS_COMMAND = ('out_dir', 'init_from', 'eval_only', 'eval_text', 'stop_iter', 'device', 'dtype',
+                'compile', 'deterministic', 'backend', 'plain', 'wandb_log', 'wandb_project',
                 'wandb_run_name')
 
 

@@ -120,6 +120,7 @@ def check_train_settings(c, controllers):
                "cannot be true with --plain=true: packing rows is not the plain definition"),
               ('skip', not (c['skip'] == 'true' and not c['hide_closed_keys']),
                "cannot be true with --hide_closed_keys=false: visible keys are needed"),
+              ('eval_text', not c['eval_text'] or c['eval_only'], "needs --eval_only"),
               ('wandb_log', not c['wandb_log'] or c['eval_only'] or
                importlib.util.find_spec('wandb') is not None,
                "needs wandb, which is optional: pip install wandb")]

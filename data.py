@@ -198,10 +198,12 @@ def gpt2_tokenizer():
         import tiktoken
         return tiktoken.get_encoding('gpt2')
     except Exception as e:  # first use downloads the BPE files; offline that fails deep in tiktoken
-        raise DataError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}; "
-                        f"it downloads its files on first use); offline, use the char tokenizer: "
-                        f"`python prepare.py shakespeare_char` "
-                        f"or --tokenizer char") from None
+        cache = os.environ.get('TIKTOKEN_CACHE_DIR', 'unset')
+        raise DataError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}): it "
+                        f"downloads GPT-2's vocab.bpe and encoder.json on first use into "
+                        f"TIKTOKEN_CACHE_DIR ({cache}); offline, copy such a folder from a machine "
+                        f"with a network and set TIKTOKEN_CACHE_DIR to it (README, Data), or use "
+                        f"the char tokenizer (--tokenizer char)") from None
 
 def _char_encoder(chars, where):
     # chars are sorted by code point, so searchsorted on the code points maps text to ids in numpy
@@ -225,6 +227,39 @@ def array_encoder(meta):
         return lambda text: np.array(enc.encode(text, allowed_special={'<|endoftext|>'}),
                                      dtype=np.uint16)
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (expected char or gpt2)")
+
+def eval_rows(tokens, T, seqs):
+    """Inputs and targets (len(seqs), T) of validation sequences seqs: sequence j predicts
+    tokens j*T+1 .. j*T+T; a last, shorter one is moved back to end at the last token, and its
+    targets counted already are -1 (ignored)."""
+    starts = [max(0, min(j * T, len(tokens) - 1 - T)) for j in seqs]
+    rows = np.stack([tokens[a:a + T + 1] for a in starts]).astype(np.int64)
+    x, y = rows[:, :-1], rows[:, 1:].copy()
+    for r, (j, a) in enumerate(zip(seqs, starts)):
+        y[r, :j * T - a] = -1
+    return x, y
+
+def text_tokens(path, meta):
+    """The tokens of the text file at path as meta's tokenizer reads it, or a one-line DataError:
+    a file that cannot be read, or characters that a char vocabulary lacks (how many; the first)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    if meta['tokenizer'] == 'char':
+        missing = set(text) - set(meta['chars'])
+        if missing:
+            first = min(text.index(c) for c in missing)
+            raise DataError(f"{path}: {sum(text.count(c) for c in missing):,} characters are not in "
+                            f"the {len(meta['chars'])}-character vocabulary of the run's data, the "
+                            f"first {text[first]!r} at character {first:,}")
+    tokens = array_encoder(meta)(text)
+    if len(tokens) < 2:
+        raise DataError(f"{path}: {len(tokens)} token(s); an evaluation needs at least 2")
+    return tokens
 
 def same_tokens(meta, other, data_dir):
     """Raises DataError (one line) unless meta and other (two meta.json records, e.g. a

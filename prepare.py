@@ -274,6 +274,22 @@ def _out_dir_ready(out_dir):
                         f"pick another --out_dir") from None
 
 @contextlib.contextmanager
+def _made_here(out_dir):
+    """Makes out_dir if need be (_out_dir_ready); a failed preparation removes it again, and its
+    lock, if it was new and holds nothing else."""
+    made = not os.path.isdir(out_dir)
+    _out_dir_ready(out_dir)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if made and set(os.listdir(out_dir)) <= {LOCK}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out_dir, LOCK))
+                os.rmdir(out_dir)
+        raise
+
+@contextlib.contextmanager
 def _locked(out_dir):
     """Holds out_dir/.prepare.lock while this preparation writes there; yields True when another
     one held it first and this one waited. With flock the OS drops the lock when its holder dies,
@@ -623,8 +639,7 @@ def prepare(name, out_dir=None, source='bundled', input=None, tokenizer=None,
     cmd = _command(name, out_dir, source, inputs, val_inputs, tokenizer, max_tokens, shards,
                    val_fraction, shard_tokens, chunk_bytes)
     sources = ' + '.join(os.path.abspath(f) for f in train_files + val_files) or None
-    _out_dir_ready(out_dir)
-    with _locked(out_dir) as waited:
+    with _made_here(out_dir), _locked(out_dir) as waited:
         # another process just made this same dataset here (every node of a job calls prepare)
         if waited and _made_by(out_dir, cmd, sources):
             print(f"{out_dir}: another process prepared it with the same command; using that")

@@ -14,13 +14,12 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from checkpoints import (RunFiles, check_out_dir, restore_run, run_settings, run_state,
                          start_model, stop_signals)
 from configurator import check_train_settings, configure, gate_controller
-from data import DataError, open_dataset
+from data import DataError, eval_rows, open_dataset, text_tokens
 from model import controller_kinds, gate_moments, pooled_variance
 from prepare import prepare
 from skipping import use_plain
@@ -33,6 +32,7 @@ init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt), or a rel
 eval_interval = 200            # evaluate and checkpoint every this many steps, and at the end
 eval_tokens = 16384            # the first this many validation tokens
 eval_only = False              # evaluate out_dir/ckpt.pt (or --init_from's model); write nothing
+eval_text = ''                 # with eval_only: on every token of this text file instead
 log_interval = 25
 always_save_checkpoint = True  # False: checkpoint only when the val loss improves
 stop_iter = 0                  # stop (with a checkpoint) after this many steps
@@ -82,6 +82,7 @@ decay_lr = True                # False: constant learning_rate
 warmup_frac = 0.1              # linear warmup over this share of max_iters ...
 warmup_start = 0.1             # ... from this multiple of learning_rate, then cosine ...
 min_lr_frac = 0.0              # ... down to this multiple
+lr_decay_iters = 0             # ... at this step, then held; 0 = max_iters
 # system
 device = 'auto'                # 'auto' (cuda, mps, cpu), or one of them, or 'cuda:1'
 dtype = 'auto'                 # 'auto': bfloat16 (or float16) on GPUs, float32 on CPUs
@@ -137,6 +138,9 @@ try:
     meta, train_stream, val_tokens = open_dataset(data_dir, B, T, rank, world, eval_tokens)
 except DataError as e:
     need(False, str(e), 'data_dir' if config['data_dir'] else 'dataset')
+if eval_text:  # every token of a file instead, as the run's data tokenizes text
+    val_tokens = text_tokens(eval_text, meta)
+n_val = len(val_tokens) - 1 if eval_text else (len(val_tokens) - 1) // T * T  # tokens predicted
 if max_iters == 0:  # one pass over the train data, as the paper's runs
     max_iters = sum(len(s) for s in train_stream.shards) // tokens_per_step
     need(max_iters > 0, f"max_iters=0 is one pass over the train data, but {data_dir} holds less "
@@ -159,11 +163,12 @@ optimizer = model.configure_optimizer(learning_rate, (beta1, beta2), weight_deca
                                       adam_eps)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # bf16 needs no scaling
 ctrl = gate_controller(config, n_layer, device) if gated and controller != 'off' else None
-step, best_val_loss, train_flops, train_time = 0, math.inf, 0.0, 0.0
+step, best_val_loss, train_flops, train_time, saved_decay_end = 0, math.inf, 0.0, 0.0, 0
 if ckpt is not None:  # the rest of where the run stopped
     step, best_val_loss, train_flops, train_time = restore_run(ckpt, optimizer, scaler, ctrl,
                                                                train_stream)
     say(f"{'evaluating' if eval_only else 'resuming from'} {ckpt_path} at step {step}")
+    saved_decay_end = ckpt['config'].get('lr_decay_iters', 0) or ckpt['config']['max_iters']
     if step >= max_iters and not eval_only:
         say(f"note: the run is complete (step {step} of max_iters={max_iters}); pass a larger "
             f"--max_iters to train on")
@@ -174,7 +179,7 @@ if ddp:
         train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
 mode = ('gated, skip ' + ('on' if skip else 'off (masked)')) if gated else 'dense'
 say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']}, "
-    f"{(len(val_tokens) - 1) // T * T:,} val tokens); {model.num_params() / 1e6:.2f}M non-embed. "
+    f"{n_val:,} val tokens); {model.num_params() / 1e6:.2f}M non-embed. "
     f"params, {n_layer} layers, {mode}{', plain definitions' if plain else ''}; {device} x {world} "
     f"({f'ddp {torch.distributed.get_backend()}' if ddp else 'one process'}), {dtype}, compile "
     f"{use_compile}; {tokens_per_step:,} tokens per step = {world} procs x {grad_accum} accum x "
@@ -182,16 +187,22 @@ say(f"data {data_dir} ({meta['tokenizer']}, vocab {meta['vocab_size']}, "
 
 # ----------------------------------------- the learning rate, statistics, evaluation, checkpoints
 
-def get_lr(it):
-    """Linear warmup from warmup_start x over warmup_frac of max_iters, cosine to min_lr_frac x."""
+def get_lr(it, end):
+    """Linear warmup from warmup_start x over warmup_frac of end, cosine to min_lr_frac x at end."""
     if not decay_lr:
         return learning_rate
-    warmup = int(warmup_frac * max_iters)
+    warmup = int(warmup_frac * end)
     if it < warmup:
         return learning_rate * (warmup_start + (1 - warmup_start) * it / warmup)
-    progress = min(1.0, (it - warmup) / max(1, max_iters - warmup))
+    progress = min(1.0, (it - warmup) / max(1, end - warmup))
     low = learning_rate * min_lr_frac
     return low + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - low)
+
+decay_end = lr_decay_iters or max_iters
+if saved_decay_end and not eval_only and get_lr(step, decay_end) != get_lr(step, saved_decay_end):
+    say(f"note: the learning rate schedule now ends at step {decay_end}, not {saved_decay_end}: "
+        f"at step {step} it is {get_lr(step, decay_end):.2e}, not {get_lr(step, saved_decay_end):.2e}"
+        f"; --lr_decay_iters={saved_decay_end} keeps the end where it was")
 
 def add_gate_stats(stats, gates, weight):
     """Adds weight x each layer's gate mean, mean square and share of zeros (skipped pairs)."""
@@ -206,18 +217,19 @@ def evaluate():
     residual-stream norm) on the fixed validation sequences; sequence i goes to process
     i % world_size. The uncompiled model: an evaluation is too short to pay for compiling."""
     model.eval()
-    mine = list(range(rank, (len(val_tokens) - 1) // T, world))
+    mine = list(range(rank, -(-n_val // T), world))
     f64 = torch.float32 if device.type == 'mps' else torch.float64  # long sums (MPS has no fp64)
     sums = {k: torch.zeros(() if k in ('ce', 'tokens') else n_layer, device=device, dtype=f64)
             for k in ('ce', 'tokens', 'gate_mean', 'gate_sq', 'gate_zero', 'resid_norm')}
     for i in range(0, len(mine), B):
-        rows = np.stack([val_tokens[j * T:j * T + T + 1] for j in mine[i:i + B]]).astype(np.int64)
-        x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
+        x, y = (torch.from_numpy(a).to(device) for a in eval_rows(val_tokens, T, mine[i:i + B]))
         norms = []
         with autocast:
             _, ce, gates = model(x, y, skip=skip, norms=norms)
-        n = x.numel()
+        n = int((y >= 0).sum())
         gates = torch.ones(n_layer, *x.shape, device=device) if gates is None else gates  # dense
+        if n < y.numel():
+            gates = gates[:, y >= 0][:, None]  # (L, 1, n): the gates of the targets counted
         add_gate_stats(sums, gates, n)
         sums['ce'] += ce.to(f64) * n
         sums['tokens'] += n
@@ -242,6 +254,7 @@ peak = peak_flops(device)  # for the MFU
 # ------------------------------------------------------------------------------ the training loop
 end = stop_iter or max_iters
 evaluated_at = step if init_from == 'resume' and not eval_only else None  # saved after its eval
+logged = (step, train_time)  # the step and training time of the last log line
 stopping = False
 while True:
     if (step % eval_interval == 0 or step >= end or stopping or eval_only) and step != evaluated_at:
@@ -251,12 +264,15 @@ while True:
         say(f"eval step {step} | val ce {val_loss:.4f} | sparsity {sparsity:.3f} | fwd FLOPs/token "
             f"{flops:.3g} (dense {model.flops_per_token(0.0):.3g}) | train FLOPs {train_flops:.3g} "
             f"in {train_time:.0f}s | eval {eval_time:.1f}s")
+        if eval_text:
+            say(f"{eval_text}: {len(val_tokens):,} tokens ({n_val:,} predicted) | loss "
+                f"{val_loss:.4f} | perplexity {math.exp(val_loss):.2f} | sparsity {sparsity:.3f}")
         for name, values in {'layer': range(n_layer), **layers}.items():  # a column per layer
             say(f"  {name:<10}" + ''.join(f" {v:6}" if name == 'layer' else
                                           f" {v:6.{3 if v < 100 else 1}f}" for v in values))
         run.log({'type': 'eval', 'step': step, 'val_loss': val_loss, 'sparsity': sparsity,
                  'flops_per_token': flops, 'train_flops': train_flops, 'train_time': train_time,
-                 'eval_time': eval_time, 'eval_tokens': (len(val_tokens) - 1) // T * T,
+                 'eval_time': eval_time, 'eval_tokens': n_val,
                  'tokens': step * tokens_per_step, **layers})
         improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
         if step > 0 and (improved or always_save_checkpoint or stopping):
@@ -267,7 +283,7 @@ while True:
     if step >= end or stopping or eval_only:
         break
 
-    lr = get_lr(step)
+    lr = get_lr(step, decay_end)
     for group in optimizer.param_groups:
         group['lr'] = lr
     t0 = time.time()
@@ -318,12 +334,14 @@ while True:
     step += 1
     stopping = s['stop'] > 0
     if step % log_interval == 0 or step == end or step == 1 or stopping:
-        tok_s = tokens_per_step / dt
+        dt = (train_time - logged[1]) / (step - logged[0])  # a step's, since the last log line
+        logged, tok_s, eta = (step, train_time), tokens_per_step / dt, (end - step) * dt
         computed = sparsity if skip else 0.0  # MFU counts the (token, layer) pairs computed
         mfu = 3 * model.flops_per_token(computed) * tok_s / world / peak if peak else None
         say(f"step {step} | loss {loss:.4f} | ce {s['ce']:.4f} | reg {s['reg']:+.2e} | "
             f"lr {lr:.2e} | sparsity {sparsity:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
-            f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+            f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+            f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
         run.log({'type': 'train', 'step': step, 'loss': loss, 'ce': s['ce'], 'reg': s['reg'],
                  'lr': lr, 'sparsity': sparsity, 'ms': dt * 1000, 'tok_s': tok_s, 'mfu': mfu,
                  'train_flops': train_flops, **record})

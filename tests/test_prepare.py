@@ -218,14 +218,18 @@ def test_files_folders_and_a_held_out_file_through_the_script(tmp_path):
     assert p.returncode == 0 and 'eval step 2 |' in p.stdout, p.stderr[-1500:]
 
 def test_text_inputs_that_cannot_be_used_stop_the_script_with_one_line(tmp_path):
-    """Through the script, before anything is written: a missing file, a folder with no text
-    files, a binary file, an empty file, a held-out file also given as --input."""
+    """Through the script, leaving no folder (or lock) behind: a missing file, a file that is not
+    UTF-8 (alone or among others), a folder with no text files, a binary file, an empty file, a
+    held-out file also given as --input."""
     (tmp_path / 'pictures').mkdir()
     (tmp_path / 'pictures' / 'a.png').write_bytes(b'\x89PNG\x00')
     (tmp_path / 'blob.bin').write_bytes(b'\x00\x01\x02')
     write(tmp_path / 'empty.txt', '')
     write(tmp_path / 'a.txt', 'some text\n')
+    (tmp_path / 'latin1.txt').write_bytes('caf\u00e9\n'.encode('latin-1'))
     for args, what in [(['missing.txt'], 'missing.txt: no such file or folder (given as --input)'),
+                       (['latin1.txt'], 'latin1.txt: not UTF-8 text (bad byte at offset 3)'),
+                       (['a.txt', 'latin1.txt'], 'latin1.txt: not UTF-8 text (bad byte at offset 3)'),
                        (['pictures'], 'pictures: holds no text files (given as --input)'),
                        (['blob.bin'], 'blob.bin: not a text file (it holds NUL bytes) (given as --input)'),
                        (['empty.txt'], 'empty.txt: the file is empty (given as --input)'),
@@ -383,10 +387,25 @@ def test_gpt2_offline_error(monkeypatch, tmp_path):
         D.get_tokenizer({'tokenizer': 'gpt2', 'vocab_size': 50257})
     msg = one_line_error(e)
     assert 'GPT-2' in msg and 'char' in msg
+    for needed in ('TIKTOKEN_CACHE_DIR', 'vocab.bpe', 'encoder.json'):  # what an offline machine needs
+        assert needed in msg
     out = tmp_path / 'o'
     with pytest.raises(D.DataError, match='GPT-2'):
         P.prepare('shakespeare', out_dir=str(out))
     assert not out.exists()  # failed before writing anything
+
+def test_gpt2_offline_through_the_script_names_the_cache(tmp_path):
+    """With an empty tiktoken cache and no network (a proxy that refuses), prepare.py stops
+    with one line naming TIKTOKEN_CACHE_DIR and its value, and writes nothing."""
+    write(tmp_path / 'a.txt', 'some text\n')
+    (tmp_path / 'cache').mkdir()
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / 'cache'), HTTPS_PROXY='http://127.0.0.1:9',
+               HTTP_PROXY='http://127.0.0.1:9')
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), 'text', '--input', 'a.txt',
+                        '--tokenizer', 'gpt2', '--out_dir', 'out'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count('\n') == 1, p.stderr
+    assert f"TIKTOKEN_CACHE_DIR ({tmp_path / 'cache'})" in p.stderr and not (tmp_path / 'out').exists()
 
 class FakeEncoding:  # stands in for tiktoken's GPT-2: a token per word or space, so ids stay < 50257
     def __init__(self):

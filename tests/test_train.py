@@ -545,6 +545,14 @@ def test_out_dir_and_device_mistakes_stop_before_any_work(tmp_path):
         p = subprocess.run([sys.executable, script, '--device=mps', *out], cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=120)
         one_line_error(p, "device='mps' is not available here", '--device=cpu')
+        assert not (tmp_path / 'o').exists()  # a failed run leaves no folder, and no lock
+    p = run(TINY + [f'--data_dir={tmp_path / "nodata"}'], str(tmp_path / 'new' / 'o'), ok=False)
+    one_line_error(p, 'no such data directory')
+    assert not (tmp_path / 'new' / 'o').exists()
+    (tmp_path / 'used').mkdir()
+    (tmp_path / 'used' / 'notes.txt').write_text('mine')
+    run(TINY + [f'--data_dir={tmp_path / "nodata"}'], str(tmp_path / 'used'), ok=False)
+    assert os.listdir(tmp_path / 'used') == ['notes.txt']  # the folder and what it held stay
 
 
 def free_port():
@@ -1086,3 +1094,83 @@ def test_every_script_takes_key_value_and_key_space_value(tmp_path):
     p = subprocess.run([sys.executable, 'train.py', '--max_iters'], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 1 and p.stderr == 'error: --max_iters needs a value: --max_iters=VALUE or --max_iters VALUE\n'
+
+
+@pytest.mark.slow
+def test_the_training_line_averages_its_interval_and_gives_an_eta(tmp_path):
+    """The ms of a training line (and its tok/s) is the mean step time since the previous line,
+    so the lines' ms, each times its steps, add up to the run's training time; each line ends
+    with an ETA (h:mm:ss) of the steps left."""
+    out = str(tmp_path / 'o')
+    p, = train_many((TINY + ['--max_iters=7', '--eval_interval=7', '--log_interval=3'], out))
+    lines = [l for l in p.stdout.splitlines() if l.startswith('step ')]
+    assert [l.split()[1] for l in lines] == ['1', '3', '6', '7']
+    assert all(re.search(r'\| eta \d+:\d\d:\d\d$', l) for l in lines), lines
+    steps = [r['step'] for r in records(out, 'train')]
+    total = sum(r['ms'] / 1000 * (s - prev) for r, s, prev in zip(records(out, 'train'), steps, [0] + steps))
+    assert total == pytest.approx(records(out, 'eval')[-1]['train_time'], rel=1e-6)
+    assert all(r['tok_s'] == pytest.approx(4 * 32 * 1000 / r['ms']) for r in records(out, 'train'))
+
+
+@pytest.mark.slow
+def test_a_resume_that_moves_the_schedules_end_says_what_the_learning_rate_does(tmp_path):
+    """Resuming a finished 8-step run with --max_iters=12 stretches the cosine: one line gives
+    the learning rate at step 8 before and after, and the next step uses the new one.
+    --lr_decay_iters=8 keeps the end where it was: the run goes on at the final rate, no note."""
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    short = TINY + ['--max_iters=8', '--eval_interval=8']
+    more = ['--init_from=resume', '--max_iters=12', '--eval_interval=12']
+    _, _, stretched, held = train_many((short, a), (short, b), (more, a), (more + ['--lr_decay_iters=8'], b))
+    note = next(l for l in stretched.stdout.splitlines() if 'learning rate schedule' in l)
+    before, after = map(float, re.search(r'at step 8 it is (\S+), not (\S+);', note).groups())
+    assert 'ends at step 12, not 8' in note and '--lr_decay_iters=8 keeps the end' in note
+    assert after == 0.0 and before > 1e-4  # min_lr_frac 0: the old end; the new cosine's value
+    assert records(a, 'train')[-4]['lr'] == pytest.approx(before, rel=1e-2)  # step 9
+    assert 'learning rate schedule' not in held.stdout
+    assert all(r['lr'] == 0.0 for r in records(b, 'train') if r['step'] > 8)
+
+
+@pytest.mark.slow
+def test_eval_text_reports_every_token_of_a_file(tmp_path):
+    """--eval_only --eval_text=FILE: loss, perplexity and sparsity over all of the file's tokens
+    with their count. A file shorter than a sequence gives what one forward pass over it gives;
+    a longer one, what its sequences of block_size give, the last moved back to end at the last
+    token and counting only targets not counted yet. A character the run's data lacks stops it
+    with one line that counts such characters and shows the first; so does a missing
+    --eval_only."""
+    from checkpoints import load_checkpoint
+    from data import load_meta, get_tokenizer
+    out = str(tmp_path / 'o')
+    text = open(os.path.join(ROOT, 'data', 'shakespeare.txt')).read()
+    short, long = tmp_path / 'short.txt', tmp_path / 'long.txt'
+    short.write_text(text[:25])
+    long.write_text(text[1000:1070])
+    (tmp_path / 'odd.txt').write_text('caf\u00e9 \u00e9t\u00e9 \u2014 ok')
+    _, a, b, odd, alone = train_many(
+        (TINY + ['--max_iters=6', '--eval_interval=6'], out),
+        (['--eval_only', f'--eval_text={short}'], out), (['--eval_only', f'--eval_text={long}'], out),
+        (['--eval_only', f'--eval_text={tmp_path / "odd.txt"}'], out), ([f'--eval_text={short}'], out), ok=False)
+    model, _ = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    encode, _ = get_tokenizer(load_meta(os.path.join(ROOT, 'data', 'shakespeare_char')))
+
+    def reported(p):
+        line = next(l for l in p.stdout.splitlines() if l.startswith(str(tmp_path)))
+        return [float(v.replace(',', '')) for v in re.findall(r'([\d,.]+) tokens \(([\d,]+) predicted\) \| loss (\S+) '
+                                                              r'\| perplexity (\S+) \| sparsity (\S+)$', line)[0]]
+    ids = torch.tensor(encode(text[:25]))
+    with torch.no_grad():
+        _, ce, gates = model(ids[None, :-1], ids[None, 1:])
+    n, predicted, loss, ppl, sparsity = reported(a)
+    assert (n, predicted) == (25, 24) and loss == pytest.approx(ce.item(), abs=1e-4)
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-3) and sparsity == pytest.approx((gates == 0).float().mean().item(), abs=1e-3)
+    ids = torch.tensor(encode(text[1000:1070]))  # 69 targets at T = 32: 1-32, 33-64, then 65-69 of 38-69
+    total = 0.0
+    with torch.no_grad():
+        for start, skip in ((0, 0), (32, 0), (37, 27)):
+            logits, _, _ = model(ids[None, start:start + 32])
+            losses = torch.nn.functional.cross_entropy(logits[0], ids[start + 1:start + 33], reduction='none')
+            total += losses[skip:].sum().item()
+    n, predicted, loss, _, _ = reported(b)
+    assert (n, predicted) == (70, 69) and loss == pytest.approx(total / 69, abs=1e-4)
+    one_line_error(odd, 'odd.txt: 4 characters are not in the', "the first '\u00e9' at character 3")
+    one_line_error(alone, 'eval_text needs --eval_only')
