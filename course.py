@@ -180,7 +180,8 @@ def code_tokens(code):
     skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
             tokenize.ENDMARKER)
     lines = iter(code.splitlines(keepends=True))
-    return [t.string for t in tokenize.generate_tokens(lambda: next(lines, '')) if t.type not in skip]
+    return [t.string for t in tokenize.generate_tokens(lambda: next(lines, ''))
+            if t.type not in skip]
 
 
 def runs_of(words):
@@ -317,9 +318,9 @@ def check(ex, work):
     """Runs an exercise's Check in work, with one thread: (passed, why not, seconds)."""
     t0 = time.time()
     try:
-        p = subprocess.run([sys.executable, *shlex.split(ex['check'])[1:], '-p', 'no:cacheprovider'],
-                           cwd=work, capture_output=True, text=True, timeout=60,
-                           env=dict(os.environ, COLUMNS='1000', OMP_NUM_THREADS='1'))
+        p = subprocess.run([sys.executable, *shlex.split(ex['check'])[1:], '-p',
+                            'no:cacheprovider'], cwd=work, capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, COLUMNS='1000', OMP_NUM_THREADS='1'))
         ok, why = p.returncode == 0, first_failure(p.stdout + p.stderr)
     except subprocess.TimeoutExpired:
         ok, why = False, 'over the minute a Check may take'
@@ -366,7 +367,8 @@ def grade(students):
         if not os.path.isdir(student):
             sys.exit(f"error: {student} is not a folder; pass the folder a handout was written to")
     if results and len(students) > 1:
-        sys.exit("error: --results writes one student's results.json: give one DIR (--csv takes many)")
+        sys.exit("error: --results writes one student's results.json: give one DIR (--csv takes "
+                 "many)")
     private, rows, every_pass = private_parts(), [], True
     total = sum(ex['points'] for ex in EXERCISES)
     if len(students) > 1:
@@ -378,8 +380,8 @@ def grade(students):
         every_pass &= all(ok for _, ok, _, _ in graded)
         rows.append([student, *[ex['points'] if ok else 0 for ex, ok, _, _ in graded], score])
         if len(students) > 1:
-            print(f"{student[-30:]:<30}" + ''.join(f" {p:>3}" for p in rows[-1][1:-1]) + f"  {score}",
-                  flush=True)
+            print(f"{student[-30:]:<30}" + ''.join(f" {p:>3}" for p in rows[-1][1:-1]) +
+                  f"  {score}", flush=True)
             continue
         for ex, ok, why, seconds in graded:
             print(f"{ex['number']:>3}  {ex['title']:<48} {'pass' if ok else 'FAIL'} "

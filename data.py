@@ -243,8 +243,8 @@ def text_tokens(path, meta):
     """The tokens of the text file at path as meta's tokenizer reads it, or a one-line DataError:
     a file that cannot be read, or characters that a char vocabulary lacks (how many; the first)."""
     try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
+        with open(path, 'rb') as f:
+            text = f.read().decode('utf-8')  # whole: a bad byte's offset is then the file's
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
     except OSError as e:
@@ -253,9 +253,10 @@ def text_tokens(path, meta):
         missing = set(text) - set(meta['chars'])
         if missing:
             first = min(text.index(c) for c in missing)
-            raise DataError(f"{path}: {sum(text.count(c) for c in missing):,} characters are not in "
-                            f"the {len(meta['chars'])}-character vocabulary of the run's data, the "
-                            f"first {text[first]!r} at character {first:,}")
+            count = sum(text.count(c) for c in missing)
+            raise DataError(f"{path}: {count:,} characters are not in the {len(meta['chars'])}-"
+                            f"character vocabulary of the run's data, the first {text[first]!r} at "
+                            f"character {first:,}")
     tokens = array_encoder(meta)(text)
     if len(tokens) < 2:
         raise DataError(f"{path}: {len(tokens)} token(s); an evaluation needs at least 2")

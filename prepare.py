@@ -513,8 +513,9 @@ def _join(files, path, separator):
                         out.write(block)
                         offset, last = offset + len(block), block[-1:]
             except UnicodeDecodeError as e:
-                raise DataError(f"{name}: not UTF-8 text (bad byte at offset "
-                                f"{offset - pending + e.start}); convert it to UTF-8 first") from None
+                at = offset - pending + e.start
+                raise DataError(f"{name}: not UTF-8 text (bad byte at offset {at}); convert it to "
+                                f"UTF-8 first") from None
             except OSError as e:
                 raise DataError(f"{name}: cannot read it ({e.strerror})") from None
             if i < len(files) - 1:
@@ -607,7 +608,8 @@ def _text_file(name, source, path, out_dir, val_fraction, chunk_bytes, meta, val
     meta.setdefault('source', 'data/shakespeare.txt (bundled)' if path == BUNDLED else
                     TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
     if val_path:
-        train_part, val_part = (path, 0, os.path.getsize(path)), (val_path, 0, os.path.getsize(val_path))
+        train_part = (path, 0, os.path.getsize(path))
+        val_part = (val_path, 0, os.path.getsize(val_path))
     else:
         split, size, how = _split_point(path, val_fraction)
         train_part, val_part = (path, 0, split), (path, split, size)

@@ -201,8 +201,9 @@ def get_lr(it, end):
 decay_end = lr_decay_iters or max_iters
 if saved_decay_end and not eval_only and get_lr(step, decay_end) != get_lr(step, saved_decay_end):
     say(f"note: the learning rate schedule now ends at step {decay_end}, not {saved_decay_end}: "
-        f"at step {step} it is {get_lr(step, decay_end):.2e}, not {get_lr(step, saved_decay_end):.2e}"
-        f"; --lr_decay_iters={saved_decay_end} keeps the end where it was")
+        f"at step {step} it is {get_lr(step, decay_end):.2e}, not "
+        f"{get_lr(step, saved_decay_end):.2e}; --lr_decay_iters={saved_decay_end} keeps the end "
+        f"where it was")
 
 def add_gate_stats(stats, gates, weight):
     """Adds weight x each layer's gate mean, mean square and share of zeros (skipped pairs)."""
