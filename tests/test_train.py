@@ -1082,8 +1082,8 @@ def test_every_script_takes_key_value_and_key_space_value(tmp_path):
     out = str(tmp_path / 'o')
     spaced = [a for t in TINY for a in t.split('=')]  # --n_layer 2 --n_head 2 ...
     p = subprocess.run([sys.executable, 'train.py', *spaced, '--max_iters', '2', '--eval_interval=2',
-                        '--out_dir', out, '--compile', 'false'], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+                        '--out_dir', out, '--compile', 'false', '--data_dir', DATA], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and 'eval step 2 |' in p.stdout and load(out)['config']['n_embd'] == 32, p.stderr
     p = subprocess.run([sys.executable, 'sample.py', '--out_dir', out, '--max_new_tokens', '3', '--seed=7'],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
