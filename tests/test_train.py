@@ -1151,7 +1151,7 @@ def test_eval_text_reports_every_token_of_a_file(tmp_path):
         (['--eval_only', f'--eval_text={short}'], out), (['--eval_only', f'--eval_text={long}'], out),
         (['--eval_only', f'--eval_text={tmp_path / "odd.txt"}'], out), ([f'--eval_text={short}'], out), ok=False)
     model, _ = load_checkpoint(os.path.join(out, 'ckpt.pt'))
-    encode, _ = get_tokenizer(load_meta(os.path.join(ROOT, 'data', 'shakespeare_char')))
+    encode, _ = get_tokenizer(load_meta(DATA))
 
     def reported(p):
         line = next(l for l in p.stdout.splitlines() if l.startswith(str(tmp_path)))
