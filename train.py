@@ -352,4 +352,5 @@ while True:
 run.close()
 if ddp:  # every process waits for the last checkpoint before the group goes down
     torch.distributed.barrier()
+    del train_model  # DDP's reducer holds the group's work: it goes first
     torch.distributed.destroy_process_group()
