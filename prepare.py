@@ -617,7 +617,7 @@ def _text_file(name, source, path, out_dir, val_fraction, chunk_bytes, meta, val
                          f"(the last {val_fraction:.0%}, {how}), train = bytes 0..{split}")
     if meta['tokenizer'] == 'char':  # a first streamed pass to find the characters
         chars = set()
-        for where, start, end in {train_part[0]: train_part, val_part[0]: val_part}.values():
+        for where in dict.fromkeys((train_part[0], val_part[0])):  # each file once, whole
             for text in _text_chunks(_file_blocks(where, 0, os.path.getsize(where), chunk_bytes,
                                                   'chars'), where, chunk_bytes):
                 chars.update(text)
