@@ -23,9 +23,10 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session, exitstatus):
     """Tests write only under pytest's tmp_path: a file left in the repository fails the run.
-    A folder whose lock says a script is writing it is the script's (a Run beside a Check)."""
+    A folder holding a training run's lock at the start or the end is that run's (a student's
+    Run beside a Check); a run removes its lock as it ends, so a test's finished run is caught."""
     now = files_in_the_repository()
-    busy = {os.path.dirname(f) for f in now | session.files_before if os.path.basename(f).endswith('.lock')}
+    busy = {os.path.dirname(f) for f in now | session.files_before if os.path.basename(f) == '.train.lock'}
     new = {f for f in now - session.files_before if os.path.dirname(f) not in busy}
     if new:
         print(f"\nerror: the tests wrote into the repository: {sorted(new)[:5]}", file=sys.stderr)
