@@ -601,12 +601,12 @@ def _tinystories(out_dir, max_tokens, chunk_bytes, meta):
 
 def _text_file(name, source, path, out_dir, val_fraction, chunk_bytes, meta, val_path=None):
     """shakespeare*, text: one file split by bytes, or (val_path) train and val files. Fills
-    meta's split and chars, and meta's source unless it is there."""
+    meta's split and chars, and for shakespeare* its source (text's: _text_input)."""
     if name != 'text':
         path = BUNDLED if source == 'bundled' else download(TINY_SHAKESPEARE_URL,
                                                             os.path.join(out_dir, 'input.txt'))
-    meta.setdefault('source', 'data/shakespeare.txt (bundled)' if path == BUNDLED else
-                    TINY_SHAKESPEARE_URL if name != 'text' else os.path.abspath(path))
+        meta['source'] = ('data/shakespeare.txt (bundled)' if path == BUNDLED else
+                          TINY_SHAKESPEARE_URL)
     if val_path:
         train_part = (path, 0, os.path.getsize(path))
         val_part = (val_path, 0, os.path.getsize(val_path))
